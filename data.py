@@ -1,0 +1,173 @@
+"""
+Text -> tokens, cached. A .txt file or a folder of .txt files is tokenized once (GPT-2 BPE via tiktoken,
+or raw UTF-8 bytes) into a uint16 memmap keyed by the content's hash and the tokenizer, so a second
+run on the same data starts at once. With no data given, gaia trains on Python's own documentation
+(pydoc_data.topics, shipped with every CPython), so `python train.py` needs no download.
+"""
+import glob
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Missing, empty or unreadable data; its message says what to change."""
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+
+class ByteTokenizer:
+    name, vocab_size, eot = "byte", 256, None
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class GPT2Tokenizer:
+    name = "gpt2"
+
+    def __init__(self):
+        import tiktoken
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # no network and no cache
+            raise DataError(f"could not load the GPT-2 BPE ({type(e).__name__}: {e}); it downloads once, so connect "
+                            f"to the internet, point TIKTOKEN_CACHE_DIR at a folder holding its files, "
+                            f"or use --tokenizer=byte") from None
+        self.vocab_size = self.enc.n_vocab  # 50257
+        self.eot = self.enc.eot_token
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        return self.enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids])
+
+
+def get_tokenizer(name):
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "byte":
+        return ByteTokenizer()
+    raise DataError(f"unknown tokenizer {name!r}; use --tokenizer=gpt2 or --tokenizer=byte")
+
+
+# ------------------------------------------------------------------------------------------ corpus
+
+def builtin_corpus():
+    """Python's documentation topics: ~465 KB of English prose and code, shipped with CPython."""
+    from pydoc_data.topics import topics
+    return [("pydoc_data.topics", "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8"))]
+
+
+def read_corpus(path):
+    """[(name, bytes)] of a .txt file or of every .txt file below a folder (sorted, so the order is stable)."""
+    if not path:
+        return builtin_corpus()
+    if not os.path.exists(path):
+        raise DataError(f"data path {path!r} does not exist; pass --data=FILE.txt or --data=FOLDER of .txt files")
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
+        if not files:
+            raise DataError(f"folder {path!r} holds no .txt files; put your text in .txt files there")
+    else:
+        files = [path]
+    docs = []
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        if not raw.strip():
+            raise DataError(f"data file {f!r} is empty; give it some text or remove it")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"data file {f!r} is not UTF-8 text (bad byte at offset {e.start}); "
+                            f"convert it, e.g. iconv -f latin1 -t utf-8 {f} > fixed.txt") from None
+        docs.append((f, raw))
+    return docs
+
+
+def tokenize_to_cache(docs, tokenizer, cache_dir, chunk_bytes=1 << 20):
+    """Tokenize docs into {cache_dir}/{hash}-{tokenizer}.bin (uint16) once; later calls reuse it.
+    Returns (path, number of tokens)."""
+    h = hashlib.sha256()
+    for name, raw in docs:
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+    key = f"{h.hexdigest()[:20]}-{tokenizer.name}"
+    path = os.path.join(cache_dir, key + ".bin")
+    if os.path.exists(path):
+        return path, os.path.getsize(path) // 2
+    os.makedirs(cache_dir, exist_ok=True)
+    total = sum(len(raw) for _, raw in docs)
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing ({tokenizer.name})", disable=total < (8 << 20))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    n = 0
+    with open(tmp, "wb") as out:
+        for _, raw in docs:
+            text = raw.decode("utf-8")
+            # ~1 MB chunks that end after a newline (so no word is cut), encoded 16 at a time on tiktoken's threads
+            chunks, start = [], 0
+            while start < len(text):
+                end = text.find("\n", start + chunk_bytes)
+                end = len(text) if end < 0 else end + 1
+                chunks.append(text[start:end])
+                start = end
+            for i in range(0, len(chunks), 16):
+                batch = chunks[i:i + 16]
+                ids = [t for ids in tokenizer.encode_batch(batch) for t in ids]
+                np.asarray(ids, dtype=np.uint16).tofile(out)
+                n += len(ids)
+                bar.update(sum(len(c.encode("utf-8")) for c in batch))
+            if tokenizer.eot is not None:  # documents are separated by <|endoftext|>, as in GPT-2's training
+                np.asarray([tokenizer.eot], dtype=np.uint16).tofile(out)
+                n += 1
+    bar.close()
+    os.replace(tmp, path)  # atomic: a crash mid-way leaves no half-written cache behind
+    return path, n
+
+
+class Batches:
+    """Random windows of block_size + 1 tokens from one split, drawn with their own torch.Generator:
+    its state is the data position, saved in checkpoints so a resumed run draws the same batches."""
+
+    def __init__(self, tokens, block_size, batch_size, seed, device):
+        self.tokens, self.block_size, self.batch_size, self.device = tokens, block_size, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.position = self.generator.get_state()
+
+    def next(self):
+        T = self.block_size
+        self.position = self.generator.get_state()  # the state that draws this batch: what a checkpoint stores
+        starts = torch.randint(len(self.tokens) - T, (self.batch_size,), generator=self.generator).tolist()
+        window = torch.from_numpy(np.stack([self.tokens[s:s + T + 1] for s in starts]).astype(np.int64))
+        x, y = window[:, :-1], window[:, 1:]
+        if self.device.startswith("cuda"):
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+def load_splits(path, tokenizer, cache_dir, block_size, val_fraction=0.1):
+    """(train tokens, val tokens) as uint16 memmaps, the last val_fraction of the corpus held out."""
+    file, n = tokenize_to_cache(read_corpus(path), tokenizer, cache_dir)
+    tokens = np.memmap(file, dtype=np.uint16, mode="r")
+    split = int(n * (1 - val_fraction))
+    train, val = tokens[:split], tokens[split:]
+    for name, part in (("train", train), ("val", val)):
+        if len(part) < block_size + 1:
+            raise DataError(f"the {name} split has {len(part)} tokens, fewer than block_size+1={block_size + 1} "
+                            f"({n} tokens in all from {path or 'the built-in corpus'}); "
+                            f"add data or lower --block_size")
+    return train, val

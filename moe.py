@@ -1,0 +1,516 @@
+"""
+Sparse mixture-of-experts transformer (Mixtral, Jiang et al. 2024; Qwen3-MoE), in one file.
+
+The attention half of each block is Llama's: RMSNorm, rotary position embeddings, grouped-query
+attention (n_kv_head key/value heads shared by n_head query heads), optionally Qwen3's per-head RMSNorm
+of queries and keys (qk_norm). The feed-forward half is a sparse MoE layer: a linear router scores
+n_experts SwiGLU experts, each token goes to its top n_experts_per_tok of them (softmax first, then
+top-k, optionally renormalised: norm_topk_prob), and the experts' outputs are summed with those weights.
+
+Dispatch is dropless (no capacity factor, no token is ever dropped) and vectorised: the N*k
+(token, expert) pairs are sorted by expert so every expert multiplies one contiguous slice of rows,
+once, and the results are gathered back and summed per token. The experts' weights are stacked 3-D
+parameters (n_experts, out, in), so on a GPU the whole slice loop is one torch._grouped_mm call.
+
+Two losses keep the router healthy, both added to the returned loss and averaged over layers:
+- load balancing (Switch Transformer, Fedus et al. 2021, eq. 4-6): n_experts * sum_i f_i * P_i,
+  f_i = share of the tokens' top-k choices that went to expert i, times k (as transformers counts it,
+  so the value is k at perfect balance), P_i = mean router probability of expert i; weight aux_loss_coef.
+- router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(router_logits)^2,
+  which keeps the router's logits small; weight z_loss_coef.
+For a single layer the balancing loss equals transformers' load_balancing_loss_func. With several
+layers transformers pools f and P over all layers before the product; gaia averages the per-layer
+losses instead, so every layer is balanced on its own (one layer's imbalance cannot hide another's).
+
+Loads and saves the Hugging Face MixtralForCausalLM (qk_norm=False) and Qwen3MoeForCausalLM
+(qk_norm=True) layouts. The model contract every gaia model follows is in CONTRACT.md.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50257      # train.py sets this from the tokenizer
+    block_size: int = 256        # maximum context (max_position_embeddings)
+    n_layer: int = 4
+    n_head: int = 4              # query heads
+    n_kv_head: int = 2           # key/value heads: = n_head is MHA, a divisor of it GQA, 1 is MQA
+    n_embd: int = 128
+    head_dim: int | None = None  # None: n_embd // n_head (Qwen3-MoE sets it explicitly)
+    n_experts: int = 8
+    n_experts_per_tok: int = 2   # k of top-k routing
+    intermediate_size: int = 256  # hidden width of each SwiGLU expert
+    norm_topk_prob: bool = True  # renormalise the k chosen probabilities to sum to 1 (Mixtral always does)
+    qk_norm: bool = False        # RMSNorm of each query/key head before RoPE (Qwen3-MoE)
+    aux_loss_coef: float = 0.01  # Switch Transformer's load-balancing loss weight (their 1e-2)
+    z_loss_coef: float = 0.001   # ST-MoE's router z-loss weight (their 1e-3)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    dropout: float = 0.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in fp32 whatever the activations' dtype, as transformers does, so bf16 runs match it
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """cos, sin (T, head_dim) of the rotation angles positions * theta^(-2i/head_dim), in fp32. The two
+    halves of head_dim repeat the same frequencies: HF's layout, where dim i pairs with dim i + head_dim/2."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i + head_dim/2}) pair of x (B, n_head, T, head_dim) by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.n_rep = config.n_head // config.n_kv_head  # query heads per key/value head
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, C = x.shape
+        # -1 heads, so a tensor-parallel shard sees only its own heads
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, n_head, head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_head, head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: (B, heads, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(layer, k, v)  # the whole prefix, still n_kv_head heads
+        # GQA: query head h reads key/value head h // n_rep; SDPA broadcasts them, nothing is copied
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_rep > 1)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+
+def experts_loop(x, counts, gate_up_proj, down_proj):
+    """SwiGLU of expert e on rows counts[:e].sum() .. counts[:e+1].sum() of x (rows sorted by expert):
+    one matmul per expert and projection, on its contiguous slice."""
+    sizes = counts.tolist()  # the one host sync of the layer
+    # unbind, not gate_up_proj[e]: its backward stacks the experts' gradients once instead of
+    # writing each into a fresh full-size zero tensor
+    h = torch.cat([xe @ w.t() for xe, w in zip(x.split(sizes), gate_up_proj.unbind(0))])  # (N*k, 2 * I)
+    gate, up = h.chunk(2, dim=-1)
+    h = F.silu(gate) * up  # (N*k, I)
+    return torch.cat([he @ w.t() for he, w in zip(h.split(sizes), down_proj.unbind(0))])  # (N*k, C)
+
+
+def experts_grouped_mm(x, counts, gate_up_proj, down_proj):
+    """The same computation as experts_loop, each projection one torch._grouped_mm over all experts."""
+    offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
+    h = torch._grouped_mm(x, gate_up_proj.transpose(1, 2), offs=offsets)  # (N*k, 2 * I)
+    gate, up = h.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    return torch._grouped_mm(h, down_proj.transpose(1, 2), offs=offsets)  # (N*k, C)
+
+
+def grouped_mm_works(x, config):
+    """torch._grouped_mm has fast kernels for bf16 on CUDA GPUs of compute capability 8.0 and newer (torch
+    >= 2.9), rows 16-byte aligned. On CPU it exists (fp32 too) but runs slower than the slice loop there."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (8, 0)
+            and config.n_embd % 8 == 0 and config.intermediate_size % 8 == 0)
+
+
+class MoE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        E, C, I = config.n_experts, config.n_embd, config.intermediate_size
+        self.router = nn.Linear(C, E, bias=False)
+        # every expert's SwiGLU, stacked: rows [0, I) of gate_up_proj[e] are W_gate, rows [I, 2I) W_up
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
+        self.down_proj = nn.Parameter(torch.empty(E, C, I))
+        self.use_grouped_mm = None  # None: grouped_mm_works() decides per call; True/False forces a path
+        self.load = None  # (E,) fraction of the last forward's routed tokens per expert (detached)
+
+    def forward(self, x):
+        """Returns the layer's output (B, T, C), its balancing loss and its router z-loss."""
+        B, T, C = x.shape
+        E, k = self.config.n_experts, self.config.n_experts_per_tok
+        x = x.reshape(-1, C)  # (N, C), N = B * T tokens
+        logits = self.router(x).float()  # (N, E); the softmax and its losses in fp32
+        probs = logits.softmax(dim=-1)
+        weights, experts = probs.topk(k, dim=-1)  # (N, k) each
+        if self.config.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+
+        # sort the N*k (token, expert) pairs by expert: each expert's rows become one contiguous slice
+        pair_expert = experts.flatten()  # (N*k,), pair p is token p // k's (p % k)-th choice
+        order = pair_expert.argsort(stable=True)  # sorted row r holds pair order[r]
+        counts = torch.bincount(pair_expert, minlength=E)  # (E,) rows per expert
+        xs = x.index_select(0, order // k)  # (N*k, C) the tokens, grouped by expert
+        if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not autocast-aware: cast by hand
+            xs = xs.to(torch.get_autocast_dtype(xs.device.type))
+        use_grouped_mm = grouped_mm_works(xs, self.config) if self.use_grouped_mm is None else self.use_grouped_mm
+        run_experts = experts_grouped_mm if use_grouped_mm else experts_loop
+        ys = run_experts(xs, counts, self.gate_up_proj.to(xs.dtype), self.down_proj.to(xs.dtype))  # (N*k, C)
+        ys = ys * weights.flatten()[order].unsqueeze(1).to(ys.dtype)
+        # back to pair order (the inverse permutation), then each token sums its k experts' outputs:
+        # a deterministic reduction, unlike index_add with atomics on a GPU
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = ys.index_select(0, inverse).view(-1, k, C).sum(dim=1)  # (N, C)
+
+        f = counts.float() / x.shape[0]  # (E,) tokens that chose expert i / tokens; sums to k
+        P = probs.mean(dim=0)  # (E,) mean router probability of expert i; sums to 1
+        aux_loss = E * (f * P).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        self.load = (f / k).detach()
+        return y.view(B, T, C).to(x.dtype), aux_loss, z_loss
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.moe = MoE(config)
+        self.moe_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, layer)
+        y, aux_loss, z_loss = self.moe(self.ln_2(x))
+        return x + self.moe_dropout(y), aux_loss, z_loss
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole generation, n_kv_head heads (never the
+    repeated ones): decoding one token computes only its q, k, v and attends to the stored prefix."""
+
+    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, device, dtype):
+        self.k = torch.empty(n_layer, batch, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.pos = 0  # tokens stored so far
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        end = self.pos + T
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        # new query i (absolute position pos + i) may see keys 0 .. pos + i
+        mask = None
+        if T > 1:
+            mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=self.pos)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
+
+
+class Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.head_dim is None:
+            if config.n_embd % config.n_head:
+                raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}; "
+                                 f"change one of them or set head_dim")
+            config.head_dim = config.n_embd // config.n_head
+        if config.n_head % config.n_kv_head:
+            raise ValueError(f"n_head={config.n_head} is not a multiple of n_kv_head={config.n_kv_head}; "
+                             f"pick n_kv_head among the divisors of n_head")
+        if config.head_dim % 2:
+            raise ValueError(f"head_dim={config.head_dim} is odd; RoPE rotates pairs of dimensions, make it even")
+        if not 1 <= config.n_experts_per_tok <= config.n_experts:
+            raise ValueError(f"n_experts_per_tok={config.n_experts_per_tok} must be between 1 and "
+                             f"n_experts={config.n_experts}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:  # matrices; RMSNorm gains stay at 1
+                # as GPT-2: the projections that write into the residual stream get 1/sqrt(2 * n_layer)
+                residual = name.endswith(("o_proj.weight", "down_proj"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02)
+        self._metrics = {}
+
+    def forward(self, idx, targets=None, cache=None):
+        B, T = idx.shape
+        c = self.config
+        start = cache.pos if cache is not None else 0
+        if start + T > c.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={c.block_size}; "
+                             f"crop the input or build the model with a larger block_size")
+        cos, sin = rope_cos_sin(torch.arange(start, start + T, device=idx.device), c.head_dim, c.rope_theta)
+        x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
+        aux_loss = z_loss = 0.0
+        for i, block in enumerate(self.transformer.h):
+            x, layer_aux, layer_z = block(x, cos, sin, cache, i)
+            aux_loss, z_loss = aux_loss + layer_aux, z_loss + layer_z
+        aux_loss, z_loss = aux_loss / c.n_layer, z_loss / c.n_layer  # mean over layers
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.pos += T
+        load = torch.stack([block.moe.load for block in self.transformer.h])  # (n_layer, n_experts)
+        self._metrics = dict(expert_load=load,
+                             # how much busier the busiest expert is than a balanced one (1 = perfect), mean over layers
+                             expert_imbalance=(load.amax(dim=1) * c.n_experts).mean(),
+                             aux_loss=aux_loss.detach(), z_loss=z_loss.detach())
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss + c.aux_loss_coef * aux_loss + c.z_loss_coef * z_loss
+
+    def metrics(self):
+        """Router statistics of the last forward, detached: expert_load (n_layer, n_experts), the fraction
+        of routed tokens each expert got; expert_imbalance, max/mean load averaged over layers; aux_loss,
+        z_loss, unweighted means over layers."""
+        return dict(self._metrics)
+
+    def num_params(self, non_embedding=True, active=False):
+        """Parameters, without the token embedding by default (it is a lookup, not a matmul; if it is tied
+        to the head it counts as the head). active=True counts only the n_experts_per_tok experts a token uses."""
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not c.tie_word_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        if active:
+            n -= c.n_layer * (c.n_experts - c.n_experts_per_tok) * 3 * c.intermediate_size * c.n_embd
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward): 6 per active parameter (the router, the k chosen
+        experts, attention, the head), plus attention's QK^T and AV, 2 * 2 * n_layer * seq_len * n_head *
+        head_dim forward, times 3 with backward (PaLM paper, appendix B)."""
+        c = self.config
+        return 6 * self.num_params(active=True) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    def tp_plan(self):
+        """Tensor parallel over attention heads: q, k, v split by output (heads), o_proj by input, so each
+        rank runs its heads and o_proj's all-reduce sums them (n_kv_head must divide by the TP degree).
+        The router and experts stay replicated: every rank runs the whole MoE on every token (correct,
+        not sharded; expert parallelism would be the way to split them). With qk_norm the q_norm/k_norm
+        gains are replicated too and see only local heads, so their gradients need a sum over the TP group."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+        plan = {}
+        for i in range(self.config.n_layer):
+            p = f"transformer.h.{i}.attn."
+            plan.update({p + "q_proj": ColwiseParallel(), p + "k_proj": ColwiseParallel(),
+                         p + "v_proj": ColwiseParallel(), p + "o_proj": RowwiseParallel()})
+        return plan
+
+    # ---------------------------------------------------------------- generation with a KV cache
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, return_logits=False):
+        """Continue idx (B, T) by max_new_tokens tokens; temperature=0 is greedy decoding.
+        return_logits=True also returns the logits each new token was drawn from, (B, max_new_tokens, vocab)."""
+        c = self.config
+        B = idx.shape[0]
+        param = self.lm_head.weight
+        max_len = min(idx.shape[1] + max_new_tokens, c.block_size)
+        cache = KVCache(c.n_layer, B, c.n_kv_head, max_len, c.head_dim, param.device, param.dtype)
+        logits, _ = self(idx[:, -c.block_size:], cache=cache)
+        steps = []
+        for _ in range(max_new_tokens):
+            steps.append(logits[:, -1, :])
+            next_token = sample(logits[:, -1, :], temperature, top_k, top_p)
+            idx = torch.cat((idx, next_token), dim=1)
+            if cache.pos == max_len:
+                # the context is full: the window slides, positions shift, so the prefix is recomputed
+                cache.pos = 0
+                logits, _ = self(idx[:, -(c.block_size - 1):] if c.block_size > 1 else idx[:, -1:], cache=cache)
+            else:
+                logits, _ = self(next_token, cache=cache)
+        return (idx, torch.stack(steps, dim=1)) if return_logits else idx
+
+    # ---------------------------------------------------------------- Hugging Face interop
+
+    # gaia name -> transformers name, for everything but the experts
+    HF_NAMES = [("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
+                ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."), (".attn.", ".self_attn."),
+                (".ln_2.", ".post_attention_layernorm."), (".moe.router.", ".mlp.gate.")]
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a local Hugging Face MixtralForCausalLM or Qwen3MoeForCausalLM directory (config.json +
+        model.safetensors, or sharded with model.safetensors.index.json)."""
+        from safetensors.torch import load_file
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        kind = hf.get("model_type")
+        if kind not in ("mixtral", "qwen3_moe"):
+            raise ValueError(f"{path} holds a {kind!r} model; gaia's moe.py loads mixtral and qwen3_moe checkpoints")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={hf['hidden_act']!r}: gaia's moe.py has SwiGLU (silu) experts only")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; gaia's moe.py has plain RoPE")
+        if hf.get("sliding_window") is not None and (kind == "mixtral" or hf.get("use_sliding_window")):
+            raise ValueError(f"sliding_window={hf['sliding_window']} is not supported; gaia's moe.py attends to the whole context")
+        if kind == "qwen3_moe":
+            if hf.get("attention_bias"):
+                raise ValueError("attention_bias=True is not supported; gaia's moe.py has bias-free projections")
+            if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+                raise ValueError("dense (non-MoE) layers (mlp_only_layers, decoder_sparse_step > 1) are not "
+                                 "supported; gaia's moe.py puts an MoE layer in every block")
+        config = Config(
+            vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+            n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
+            head_dim=hf.get("head_dim"),
+            n_experts=hf.get("num_local_experts") or hf.get("num_experts"), n_experts_per_tok=hf["num_experts_per_tok"],
+            intermediate_size=hf["moe_intermediate_size"] if kind == "qwen3_moe" else hf["intermediate_size"],
+            norm_topk_prob=hf.get("norm_topk_prob", False) if kind == "qwen3_moe" else True,
+            qk_norm=kind == "qwen3_moe",
+            aux_loss_coef=hf.get("router_aux_loss_coef", 0.001), dropout=0.0,
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e6 if kind == "mixtral" else 1e4)),
+            norm_eps=hf.get("rms_norm_eps", 1e-5 if kind == "mixtral" else 1e-6),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False))
+        for k, v in overrides.items():
+            setattr(config, k, v)
+        model = cls(config)
+
+        index = os.path.join(path, "model.safetensors.index.json")
+        files = ["model.safetensors"]
+        if not os.path.exists(os.path.join(path, files[0])) and os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for file in files:
+            state.update(load_file(os.path.join(path, file)))
+        own, experts = {}, {}  # experts[(layer, expert or None, projection)] = tensor
+        for k, v in state.items():
+            k = k.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's older module name
+            m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.)?(\w+?)(?:\.weight)?", k)
+            if m:  # one expert's w1/w2/w3 (Mixtral) or gate/up/down_proj (Qwen3), or all experts fused (3-D)
+                layer, e, name = int(m[1]), m[2] and int(m[2]), m[3]
+                experts[layer, e, dict(w1="gate_proj", w3="up_proj", w2="down_proj").get(name, name)] = v
+                continue
+            for ours, theirs in reversed(cls.HF_NAMES):
+                k = k.replace(theirs, ours)
+            own[k] = v
+        for i in range(config.n_layer):
+            p = f"transformer.h.{i}.moe."
+            if (i, None, "gate_up_proj") in experts:  # transformers 5's fused layout
+                own[p + "gate_up_proj"], own[p + "down_proj"] = experts[i, None, "gate_up_proj"], experts[i, None, "down_proj"]
+            elif (i, 0, "gate_proj") in experts:
+                E = config.n_experts
+                own[p + "gate_up_proj"] = torch.stack([torch.cat([experts[i, e, "gate_proj"], experts[i, e, "up_proj"]])
+                                                       for e in range(E)])  # (E, 2I, C)
+                own[p + "down_proj"] = torch.stack([experts[i, e, "down_proj"] for e in range(E)])  # (E, C, I)
+        if config.tie_word_embeddings:
+            own.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(own, strict=False)
+        missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match the {kind} layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+    def save_pretrained(self, path):
+        """Write a Hugging Face directory that transformers' from_pretrained loads: MixtralForCausalLM, or
+        Qwen3MoeForCausalLM when qk_norm=True. Experts are written one tensor per expert and projection, the
+        layout transformers itself saves (its 5.x loader fuses them into 3-D tensors; 4.x reads them as is)."""
+        from safetensors.torch import save_file
+        c = self.config
+        qwen = c.qk_norm
+        if not qwen and not c.norm_topk_prob:
+            raise ValueError("Mixtral always renormalises the top-k weights and only Qwen3-MoE (qk_norm=True) has "
+                             "norm_topk_prob=False; no transformers model matches qk_norm=False, norm_topk_prob=False")
+        os.makedirs(path, exist_ok=True)
+        mlp = ".mlp." if qwen else ".block_sparse_moe."
+        names = dict(gate_proj="gate_proj", up_proj="up_proj", down_proj="down_proj") if qwen else \
+            dict(gate_proj="w1", up_proj="w3", down_proj="w2")
+        state = {}
+        for k, v in self.state_dict().items():
+            v = v.detach().cpu()
+            m = re.fullmatch(r"transformer\.h\.(\d+)\.moe\.(gate_up_proj|down_proj)", k)
+            if m:
+                p = f"model.layers.{m[1]}{mlp}experts."
+                for e in range(c.n_experts):
+                    if m[2] == "gate_up_proj":
+                        gate, up = v[e].chunk(2, dim=0)
+                        state[f"{p}{e}.{names['gate_proj']}.weight"] = gate
+                        state[f"{p}{e}.{names['up_proj']}.weight"] = up
+                    else:
+                        state[f"{p}{e}.{names['down_proj']}.weight"] = v[e]
+                continue
+            if k == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            for ours, theirs in self.HF_NAMES:
+                k = k.replace(ours, theirs)
+            state[k.replace(".mlp.", mlp)] = v
+        state = {k: v.contiguous() for k, v in state.items()}
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        hf = dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, hidden_size=c.n_embd,
+                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                  head_dim=c.head_dim, num_experts_per_tok=c.n_experts_per_tok, hidden_act="silu",
+                  rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                  rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta),
+                  tie_word_embeddings=c.tie_word_embeddings, router_aux_loss_coef=c.aux_loss_coef,
+                  attention_dropout=0.0, initializer_range=0.02, sliding_window=None,
+                  dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
+        if qwen:
+            hf.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=c.n_experts,
+                      moe_intermediate_size=c.intermediate_size, intermediate_size=c.intermediate_size,
+                      norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+                      attention_bias=False, use_sliding_window=False)
+        else:
+            hf.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=c.n_experts,
+                      intermediate_size=c.intermediate_size, router_jitter_noise=0.0)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None):
+    """Pick the next token (B, 1) from logits (B, vocab): greedy at temperature 0, else softmax sampling
+    restricted to the top_k most likely tokens and/or the smallest set whose probability exceeds top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep tokens until the mass before them passes top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)

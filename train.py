@@ -1,0 +1,541 @@
+"""
+Train any gaia model by name, from a laptop CPU to many GPUs.
+
+    python train.py                                    # gpt2 on the built-in corpus, no download
+    python train.py --model=llama --data=corpus.txt    # your text: a .txt file or a folder of them
+    python train.py config/gpt2_124m.py --batch_size=8 # a config file, then overrides
+    python train.py --help                             # every key, with default and type
+    torchrun --standalone --nproc_per_node=8 train.py --model=llama   # DDP (see README for tp/fsdp)
+
+`--model=NAME` imports NAME.py; its Config fields are keys beside the ones below (README: the model contract).
+"""
+import contextlib
+import importlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import configurator
+from configurator import ConfigError
+from data import Batches, DataError, get_tokenizer, load_splits
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class TrainConfig:
+    model: str = "gpt2"              # a model file beside train.py: gpt2, llama, moe, mla, mamba, ...
+    data: str = ""                   # a .txt file or a folder of .txt files; "" = the built-in corpus
+    tokenizer: str = "gpt2"          # gpt2 (tiktoken BPE) | byte (UTF-8 bytes, vocab 256)
+    out_dir: str = "out"
+    cache_dir: str = ""              # where tokenized data is cached; "" = ~/.cache/gaia
+    init_from: str = "scratch"       # scratch | resume (from out_dir) | a local Hugging Face model directory
+    vocab_size: int | None = None    # None = the tokenizer's
+    block_size: int = 128            # context length of each training sequence
+    batch_size: int = 16             # sequences per micro-step (per process)
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 400
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 20
+    lr_decay_iters: int | None = None  # None = max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0           # 0 = no clipping
+    eval_interval: int = 100
+    eval_iters: int = 20
+    log_interval: int = 10
+    always_save_checkpoint: bool = True  # False: save only when val loss improves
+    device: str = "auto"             # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
+    dtype: str = "auto"              # auto (bfloat16 on GPUs that have it, else float16; float32 on cpu) | float32 | bfloat16 | float16
+    compile: bool = False            # torch.compile the model
+    seed: int = 1337
+    sample_tokens: int = 200         # length of the text sample at the end; 0 = none
+    sample_prompt: str = "\n"
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    wandb_log: bool = False
+    wandb_project: str = "gaia"
+    wandb_run_name: str = ""         # "" = model name and time
+    tensorboard_log: bool = False
+    profile: bool = False            # trace iterations 5-9 (torch.profiler; on CUDA also cudaProfilerStart/Stop for nsys)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged loss, incompatible checkpoint); the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------- models and checkpoints
+
+def model_files():
+    return sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and "class Model(" in open(os.path.join(ROOT, f)).read())
+
+
+def load_model_module(name):
+    """--model=llama -> the module llama.py beside this file."""
+    if not os.path.isfile(os.path.join(ROOT, f"{name}.py")) or name not in model_files():
+        raise ConfigError(f"unknown model {name!r}; the model files here are: {', '.join(model_files())}")
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    return importlib.import_module(name)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise TrainingError(f"no checkpoint at {path}; train first, or point --out_dir at the run to resume")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_checkpoint(path, state):
+    """Write to a temp file, then rename: a crash mid-write never leaves a truncated checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def model_from_checkpoint(ckpt, module):
+    config = module.Config(**ckpt["model_config"])
+    model = module.Model(config)
+    model.load_state_dict(ckpt["model_state"])
+    return model
+
+
+def rng_states():
+    return dict(python=random.getstate(), numpy=[torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in np.random.get_state()],
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(s):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+    np.random.set_state(tuple(a.numpy() if torch.is_tensor(a) else a for a in s["numpy"]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ------------------------------------------------------------------------------------- device, precision, MFU
+
+# Dense peak FLOP/s of the tensor cores by device name and dtype (vendor datasheets; float32 = TF32 matmuls,
+# which train.py enables). MFU is reported only for devices listed here.
+PEAK_FLOPS = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},  # SXM
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12},
+    "A10G": {"bfloat16": 70e12, "float16": 70e12, "float32": 35e12},
+    "RTX 4090": {"bfloat16": 165e12, "float16": 165e12, "float32": 83e12},
+    "V100": {"float16": 125e12, "float32": 15.7e12},
+    "T4": {"float16": 65e12, "float32": 8.1e12},
+}
+
+
+def peak_flops(device, dtype):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in PEAK_FLOPS.items():  # the order matters: "H100 PCIe" before "H100"
+        if key in name:
+            return table.get(dtype)
+    return None
+
+
+def pick_device(device):
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype, device):
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
+    return dtype
+
+
+def nvtx(name, device):
+    """A named range for Nsight Systems on CUDA; nothing elsewhere."""
+    return torch.cuda.nvtx.range(name) if device.startswith("cuda") else contextlib.nullcontext()
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW; matrices (and embeddings) decay, biases and norm gains do not. Fused kernel where supported."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # this device or dtype has no fused AdamW
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- metrics and dashboard
+
+def to_loggable(value):
+    if torch.is_tensor(value):
+        return value.item() if value.dim() == 0 else value.detach().float().cpu().tolist()
+    return value
+
+
+class MetricsLog:
+    """metrics.jsonl (one row per logged iteration and per eval), a dashboard PNG redrawn at each eval,
+    and wandb / tensorboard when asked for."""
+
+    def __init__(self, cfg, out_dir, resume_iter, run_config):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.png = os.path.join(out_dir, "dashboard.png")
+        if resume_iter is None:
+            open(self.path, "w").close()
+        elif os.path.exists(self.path):  # drop rows a crashed run wrote after its last checkpoint
+            rows = [r for r in self.rows() if r["iter"] <= resume_iter]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.wandb = self.tb = None
+        if cfg.wandb_log:
+            import wandb
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config)
+        if cfg.tensorboard_log:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("tensorboard_log=True needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    def rows(self):
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def log(self, row):
+        row = {k: to_loggable(v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iter" and v is not None}
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["iter"])
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["iter"])
+
+    def plot(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        rows = self.rows()
+        steps = [r for r in rows if "loss" in r]
+        evals = [r for r in rows if "val_loss" in r]
+        maps = {k: v for r in steps for k, v in r.items() if isinstance(v, list) and v and isinstance(v[0], list)}
+        n = 3 + len(maps)
+        fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
+        ax = axes[0]
+        ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], label="train (per iter)", alpha=0.6)
+        if evals:
+            ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+            ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+        ax.set(title="loss", xlabel="iter")
+        ax.legend()
+        axes[1].plot([r["iter"] for r in steps], [r["lr"] for r in steps])
+        axes[1].set(title="learning rate", xlabel="iter")
+        axes[2].plot([r["iter"] for r in steps], [r["tokens_per_s"] for r in steps])
+        axes[2].set(title="tokens/s", xlabel="iter")
+        for ax, (name, grid) in zip(axes[3:], maps.items()):  # e.g. expert_load: layers x experts
+            im = ax.imshow(np.array(grid), aspect="auto", cmap="viridis")
+            ax.set(title=f"{name} (last logged iter)", xlabel="column", ylabel="row")
+            fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(self.png + ".tmp.png", dpi=80)
+        plt.close(fig)
+        os.replace(self.png + ".tmp.png", self.png)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------- configuration
+
+def configure(argv):
+    """argv -> (TrainConfig, model module, model Config, checkpoint or None, explicit keys). Raises ConfigError."""
+    files, overrides = configurator.split_args(argv)
+    init_from = configurator.peek(files, overrides, "init_from", TrainConfig.init_from)
+    out_dir = configurator.peek(files, overrides, "out_dir", TrainConfig.out_dir)
+    name = configurator.peek(files, overrides, "model", None)  # None: not set by the user
+    ckpt = None
+    if init_from == "resume":
+        ckpt = load_checkpoint(out_dir)
+        if name is not None and name != ckpt["model_name"]:
+            raise TrainingError(f"{out_dir}/ckpt.pt holds a {ckpt['model_name']} model, not {name}; "
+                                f"use --model={ckpt['model_name']} or another --out_dir")
+        name = ckpt["model_name"]
+    name = name or TrainConfig.model
+    module = load_model_module(name)
+    train_keys = configurator.key_table(TrainConfig)
+    model_keys = {k: v for k, v in configurator.key_table(module.Config).items() if k not in train_keys}
+    if "help" in overrides:
+        configurator.print_help([("train.py keys", train_keys), (f"{name}.py model keys", model_keys)])
+        sys.exit(0)
+    values, explicit = configurator.resolve(files, overrides, {**train_keys, **model_keys})
+    if ckpt is not None:  # a resumed run continues the stored one, except for what the user sets now
+        stored = {**ckpt["train_config"], **ckpt["model_config"]}
+        for k in explicit & set(ckpt["model_config"]) - {"dropout", "block_size", "vocab_size"}:
+            if values[k] != stored[k]:
+                raise TrainingError(f"{out_dir}/ckpt.pt was trained with {k}={stored[k]!r}, not {values[k]!r}; "
+                                    f"drop --{k} to resume it, or start a new run in another --out_dir")
+        values.update({k: v for k, v in stored.items() if k not in explicit and k in values})
+        values.update(init_from="resume", out_dir=out_dir)
+    cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
+    model_cfg = module.Config(**{f.name: values[f.name] for f in fields(module.Config) if f.name in values})
+    for key, bad in (("batch_size", cfg.batch_size < 1), ("block_size", cfg.block_size < 1),
+                     ("gradient_accumulation_steps", cfg.gradient_accumulation_steps < 1),
+                     ("max_iters", cfg.max_iters < 0), ("eval_interval", cfg.eval_interval < 1),
+                     ("log_interval", cfg.log_interval < 1), ("eval_iters", cfg.eval_iters < 1)):
+        if bad:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    return cfg, module, model_cfg, ckpt, explicit
+
+
+def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
+    """The model to train: from scratch, from the checkpoint being resumed, or from a Hugging Face directory."""
+    if ckpt is not None:
+        stored = dict(ckpt["model_config"])
+        if "dropout" in explicit and "dropout" in stored:
+            stored["dropout"] = model_cfg.dropout
+        model = module.Model(module.Config(**stored))
+        model.load_state_dict(ckpt["model_state"])
+    elif cfg.init_from == "scratch":
+        if hasattr(model_cfg, "vocab_size"):
+            if "vocab_size" in explicit and cfg.vocab_size is not None:
+                if cfg.vocab_size < vocab_size:
+                    raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the {cfg.tokenizer} tokenizer's "
+                                      f"{vocab_size}; drop --vocab_size or raise it")
+                vocab_size = cfg.vocab_size  # e.g. 50304, a multiple of 64, is faster on GPUs
+            model_cfg.vocab_size = vocab_size
+        if hasattr(model_cfg, "block_size"):
+            model_cfg.block_size = cfg.block_size
+        model = module.Model(model_cfg)
+    else:
+        if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+            raise ConfigError(f"init_from={cfg.init_from!r} is neither scratch, resume, nor a Hugging Face model "
+                              f"directory with a config.json")
+        model = module.Model.from_pretrained(cfg.init_from)
+        for k in explicit & {f.name for f in fields(model.config)} - {"block_size", "vocab_size", "dropout"}:
+            if getattr(model.config, k) != getattr(model_cfg, k):
+                raise ConfigError(f"{cfg.init_from} has {k}={getattr(model.config, k)!r}, not {getattr(model_cfg, k)!r}; "
+                                  f"drop --{k} when fine-tuning a pretrained model")
+        if hasattr(model.config, "dropout") and "dropout" in explicit:
+            model.config.dropout = model_cfg.dropout
+    mc = model.config
+    if getattr(mc, "vocab_size", vocab_size) < vocab_size:
+        raise ConfigError(f"the model's vocab_size={mc.vocab_size} is smaller than the {cfg.tokenizer} tokenizer's "
+                          f"{vocab_size}; use --tokenizer=byte or a model with a larger vocabulary")
+    if getattr(mc, "block_size", cfg.block_size) < cfg.block_size:
+        raise ConfigError(f"block_size={cfg.block_size} is longer than the model's maximum context {mc.block_size}; "
+                          f"lower --block_size")
+    return model
+
+
+# ------------------------------------------------------------------------------------- the training loop
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, autocast, device):
+    """Mean loss over eval_iters batches of each split. The batches come from a generator seeded the
+    same way every time, so evals are comparable and never disturb the training data order or RNG."""
+    model.eval()
+    out = {}
+    for name, tokens in splits.items():
+        batches = Batches(tokens, cfg.block_size, cfg.batch_size, seed=cfg.seed + 1000, device=device)
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = batches.next()
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[name] = losses.mean().item()
+    model.train()
+    return out
+
+
+def train(argv):
+    cfg, module, model_cfg, ckpt, explicit = configure(argv)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gaia")
+    train_tokens, val_tokens = load_splits(cfg.data, tokenizer, cache_dir, cfg.block_size)
+    model = build_model(cfg, module, model_cfg, ckpt, explicit, tokenizer.vocab_size).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
+                else contextlib.nullcontext())
+    train_batches = Batches(train_tokens, cfg.block_size, cfg.batch_size, seed=cfg.seed, device=device)
+    iter_num, best_val = 0, float("inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        scaler.load_state_dict(ckpt["scaler_state"])
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        train_batches.generator.set_state(ckpt["data_state"])  # redraws the batch the stopped run had fetched
+        set_rng_states(ckpt["rng"])
+        print(f"resuming {ckpt['model_name']} from {cfg.out_dir}/ckpt.pt at iter {iter_num}")
+    ckpt = None  # free its memory
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
+    peak = peak_flops(device, dtype)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    print(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {device}, {dtype}, "
+          f"{tokens_per_iter:,} tokens per iteration, {len(train_tokens):,} train tokens")
+    run_config = {**asdict(cfg), **asdict(raw_model.config)}
+    log = MetricsLog(cfg, cfg.out_dir, iter_num if cfg.init_from == "resume" else None, run_config)
+    after_step = getattr(raw_model, "after_optimizer_step", None)
+    model_metrics = getattr(raw_model, "metrics", None)
+    splits = {"train": train_tokens, "val": val_tokens}
+
+    def checkpoint(val_loss):
+        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
+            model_name=cfg.model, model_config=asdict(raw_model.config), train_config=asdict(cfg),
+            model_state=raw_model.state_dict(), optimizer_state=optimizer.state_dict(),
+            scaler_state=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val, val_loss=val_loss,
+            rng=rng_states(), data_state=train_batches.position, tokenizer=cfg.tokenizer))
+
+    def evaluate():
+        nonlocal best_val
+        losses = estimate_loss(model, splits, cfg, autocast, device)
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        log.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+        improved = losses["val"] < best_val
+        best_val = min(best_val, losses["val"])
+        if (improved or cfg.always_save_checkpoint) and iter_num > 0:
+            checkpoint(losses["val"])
+        log.plot()
+
+    profiler = None
+    if cfg.profile:
+        profiler = torch.profiler.profile(
+            schedule=torch.profiler.schedule(wait=4, warmup=1, active=5, repeat=1),
+            on_trace_ready=lambda p: p.export_chrome_trace(os.path.join(cfg.out_dir, "trace.json")))
+        profiler.start()
+    profile_start = iter_num + 5
+
+    x, y = train_batches.next()
+    t0 = time.perf_counter()
+    started = iter_num
+    while iter_num < cfg.max_iters:
+        if iter_num % cfg.eval_interval == 0:
+            evaluate()
+            t0 = time.perf_counter()  # eval time is not training time
+        if cfg.profile and device_type == "cuda" and iter_num in (profile_start, profile_start + 5):
+            (torch.cuda.cudart().cudaProfilerStart if iter_num == profile_start else torch.cuda.cudart().cudaProfilerStop)()
+        lr = lr_at(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.gradient_accumulation_steps):
+            with nvtx("forward", device), autocast:
+                _, loss = model(x, y)
+                loss = loss / cfg.gradient_accumulation_steps
+            with nvtx("data", device):
+                x, y = train_batches.next()  # fetch the next batch while the device works on this one
+            with nvtx("backward", device):
+                scaler.scale(loss).backward()
+        with nvtx("optimizer step", device):
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs with the device
+        iter_num += 1
+        t1 = time.perf_counter()
+        dt, t0 = t1 - t0, t1
+        if profiler is not None:
+            profiler.step()
+        if not math.isfinite(loss_value):
+            kept = os.path.join(cfg.out_dir, "ckpt.pt")
+            raise TrainingError(
+                f"loss is {loss_value} at iter {iter_num}; stopping. "
+                + (f"The last good checkpoint is kept at {kept}. " if os.path.exists(kept) else "")
+                + f"Try a lower --learning_rate (now {cfg.learning_rate:g})"
+                + (", or --dtype=float32" if dtype != "float32" else "")
+                + (", or a smaller --grad_clip" if cfg.grad_clip == 0 or cfg.grad_clip > 1 else ""))
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            tokens_per_s = tokens_per_iter / dt
+            achieved = flops_per_iter / dt
+            speed = f"mfu {100 * achieved / peak:.2f}%" if peak else f"{achieved / 1e12:.3f} TFLOP/s"
+            print(f"iter {iter_num}: loss {loss_value:.4f}, time {dt * 1000:.2f}ms, {tokens_per_s:,.0f} tok/s, {speed}")
+            row = {"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+                   "tokens_per_s": tokens_per_s, "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None}
+            if model_metrics is not None:
+                row.update(model_metrics())
+            log.log(row)
+    if profiler is not None:
+        profiler.stop()
+    if iter_num > started or cfg.max_iters == 0:
+        evaluate()
+        if iter_num > 0 and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+            checkpoint(None)
+    log.close()
+    print(f"metrics: {log.path}, dashboard: {log.png}")
+    if cfg.sample_tokens > 0:
+        from sample import generate_text
+        text = generate_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.temperature,
+                             cfg.top_k, cfg.top_p, device, autocast)
+        print("sample:\n" + text)
+    return raw_model
+
+
+def main(argv=None):
+    try:
+        train(sys.argv[1:] if argv is None else argv)
+    except (ConfigError, DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, (ConfigError, DataError)) else 1)
+
+
+if __name__ == "__main__":
+    main()
