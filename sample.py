@@ -83,4 +83,4 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)

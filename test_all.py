@@ -54,6 +54,329 @@ def check_cached_decode(model, vocab_size, prompt_len=5, new_tokens=32, atol=1e-
     assert torch.equal(out[:, prompt_len:], ref.argmax(-1))
 
 
+
+import json
+import math
+import subprocess
+
+import configurator
+import data
+import gpt2
+import train
+
+MODELS = train.model_files()  # every model file gets the generic training tests below
+TINY_RUN = ["--tokenizer=byte", "--block_size=32", "--batch_size=8", "--eval_iters=2", "--log_interval=1",
+            "--sample_tokens=0", "--learning_rate=3e-3", "--warmup_iters=2"]
+
+
+def run_train(*args, out_dir, cache_dir=None):
+    """train.py in this process (fast); returns the rows of its metrics.jsonl."""
+    args = [*TINY_RUN, f"--out_dir={out_dir}", f"--cache_dir={cache_dir or os.path.join(out_dir, 'cache')}", *args]
+    train.train(list(args))
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_main(capsys, *args):
+    """train.py's main() in this process, as the command line calls it: returns (exit code, output)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(list(args))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out + out.err
+
+
+def run_cli(*args, script="train.py", env=None):
+    """A script as a user runs it: returns (exit code, stdout + stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+# ------------------------------------------------------------------------------------- configurator
+
+def table():
+    return configurator.key_table(train.TrainConfig, gpt2.Config)
+
+
+def test_configurator_parses_and_checks_types():
+    cfg, explicit = configurator.resolve([], {"learning_rate": "3", "compile": "true", "wandb_log": "1", "bias": "False",
+                                              "out_dir": "123", "top_k": "None", "n_layer": "6"}, table())
+    assert cfg["learning_rate"] == 3.0 and isinstance(cfg["learning_rate"], float)  # int -> float allowed
+    assert cfg["compile"] is True and cfg["wandb_log"] is True and cfg["bias"] is False
+    assert cfg["out_dir"] == "123" and cfg["top_k"] is None and cfg["n_layer"] == 6
+    assert explicit == {"learning_rate", "compile", "wandb_log", "bias", "out_dir", "top_k", "n_layer"}
+    for key, bad in (("n_layer", "4.5"), ("n_layer", "four"), ("compile", "yes"), ("learning_rate", "fast")):
+        with pytest.raises(configurator.ConfigError, match=f"{key}=.*not a valid"):
+            configurator.resolve([], {key: bad}, table())
+
+
+def test_configurator_unknown_key_suggests_the_closest():
+    with pytest.raises(configurator.ConfigError, match="unknown key n_layers.*did you mean n_layer"):
+        configurator.resolve([], {"n_layers": "4"}, table())
+    with pytest.raises(configurator.ConfigError, match="unknown key zzz.*--help"):
+        configurator.resolve([], {"zzz": "4"}, table())
+    with pytest.raises(configurator.ConfigError, match="no value"):
+        configurator.split_args(["--n_layer"])
+
+
+def test_configurator_file_then_command_line(tmp_path):
+    f = tmp_path / "cfg.py"
+    f.write_text("import math\nn_layer = 7\nlearning_rate = 2e-4\n_private = 1\n")
+    files, overrides = configurator.split_args([str(f), "--learning_rate=5e-4"])
+    cfg, _ = configurator.resolve(files, overrides, table())
+    assert cfg["n_layer"] == 7 and cfg["learning_rate"] == 5e-4  # the command line wins over the file
+    (tmp_path / "bad.py").write_text("n_layers = 7\n")
+    with pytest.raises(configurator.ConfigError, match="n_layers.*bad.py.*did you mean n_layer"):
+        configurator.resolve([str(tmp_path / "bad.py")], {}, table())
+    with pytest.raises(configurator.ConfigError, match="does not exist"):
+        configurator.split_args(["missing_config.py"])
+
+
+def test_help_lists_every_key_with_default_and_type():
+    code, out = run_cli("--model=gpt2", "--help")
+    assert code == 0
+    for key in [f.name for f in train.fields(train.TrainConfig)] + ["n_layer", "n_head", "n_embd", "bias", "dropout"]:
+        assert f"--{key} " in out, key
+    assert "learning_rate" in out and "float" in out and "0.001" in out
+
+
+# ------------------------------------------------------------------------------------- data
+
+def test_data_cache_is_reused_and_round_trips(tmp_path, monkeypatch):
+    text = "héllo wörld\n" * 50
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    tok = data.ByteTokenizer()
+    path, n = data.tokenize_to_cache(data.read_corpus(str(tmp_path / "a.txt")), tok, str(tmp_path / "cache"))
+    assert n == len(text.encode("utf-8"))
+    import numpy as np
+    assert tok.decode(np.fromfile(path, dtype=np.uint16)) == text
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: pytest.fail("a cached corpus was tokenized again"))
+    path2, n2 = data.tokenize_to_cache(data.read_corpus(str(tmp_path / "a.txt")), tok, str(tmp_path / "cache"))
+    assert (path2, n2) == (path, n)
+    (tmp_path / "a.txt").write_text(text + "more", encoding="utf-8")  # new content, new cache entry
+    monkeypatch.undo()
+    path3, _ = data.tokenize_to_cache(data.read_corpus(str(tmp_path / "a.txt")), tok, str(tmp_path / "cache"))
+    assert path3 != path
+
+
+def test_gpt2_tokenizer_folder_corpus(tmp_path):
+    try:
+        tok = data.get_tokenizer("gpt2")
+    except data.DataError as e:
+        pytest.skip(str(e))  # no network and no TIKTOKEN_CACHE_DIR: the byte tokenizer covers the rest
+    import tiktoken
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "1.txt").write_text("Hello world.\n")
+    (tmp_path / "d" / "2.txt").write_text("Goodbye, moon!\n")
+    path, n = data.tokenize_to_cache(data.read_corpus(str(tmp_path / "d")), tok, str(tmp_path / "c"))
+    import numpy as np
+    enc = tiktoken.get_encoding("gpt2")
+    expected = enc.encode("Hello world.\n") + [50256] + enc.encode("Goodbye, moon!\n") + [50256]
+    assert np.fromfile(path, dtype=np.uint16).tolist() == expected
+
+
+# ------------------------------------------------------------------------------------- gpt2 vs transformers
+
+def test_gpt2_matches_transformers_and_round_trips(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=3, n_head=4))
+    model = hf_roundtrip(gpt2, hf, tmp_path, vocab_size=101)
+    assert model.config.block_size == 48 and model.config.n_layer == 3
+
+
+def test_gpt2_without_bias_saves_a_transformers_model(tmp_path):
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = gpt2.Model(gpt2.Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False)).eval()
+    model.save_pretrained(str(tmp_path))
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_gpt2_kv_cache_decode_matches_full_forward():
+    torch.manual_seed(0)
+    model = gpt2.Model(gpt2.Config(vocab_size=67, block_size=64, n_layer=2, n_head=4, n_embd=32))
+    check_cached_decode(model, vocab_size=67, prompt_len=5, new_tokens=40)
+
+
+def test_gpt2_generation_past_block_size_slides_the_window():
+    """Past block_size, each token must be predicted from the last block_size tokens (nanoGPT's crop)."""
+    torch.manual_seed(0)
+    model = gpt2.Model(gpt2.Config(vocab_size=31, block_size=8, n_layer=2, n_head=2, n_embd=16)).eval()
+    prompt = torch.randint(0, 31, (1, 3))
+    out = model.generate(prompt, 20, temperature=0)
+    idx = prompt
+    with torch.no_grad():
+        for _ in range(20):  # the slow reference: a full forward over the cropped context for every token
+            logits, _ = model(idx[:, -8:])
+            idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, idx)
+
+
+def test_sampling_filters():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = torch.cat([gpt2.sample(logits, top_k=2) for _ in range(300)]).flatten()
+    assert set(draws.tolist()) == {0, 1}
+    draws = torch.cat([gpt2.sample(logits, top_p=0.7) for _ in range(300)]).flatten()
+    assert set(draws.tolist()) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is {0, 1}
+    draws = torch.cat([gpt2.sample(logits, top_p=0.85) for _ in range(300)]).flatten()
+    assert set(draws.tolist()) == {0, 1, 2}
+    assert gpt2.sample(logits, temperature=0).item() == 0
+
+
+def test_gpt2_flops_per_token_formula():
+    c = gpt2.Config(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    m = gpt2.Model(c)
+    # parameters by hand: wte, per layer 2 LayerNorms + 4 attention Linears + 2 MLP Linears (with biases), ln_f
+    per_layer = 2 * 2 * 32 + 4 * (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)
+    n = 100 * 32 + 2 * per_layer + 2 * 32
+    assert m.num_params() == n
+    assert m.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
+
+
+# ------------------------------------------------------------------------------------- training, for every model
+
+@pytest.mark.parametrize("model", MODELS)
+def test_short_run_loss_falls(model, tmp_path):
+    rows = run_train(f"--model={model}", "--max_iters=40", "--eval_interval=40", out_dir=str(tmp_path))
+    evals = [r for r in rows if "val_loss" in r]
+    first, last = evals[0], evals[-1]
+    assert first["iter"] == 0 and last["iter"] == 40
+    if model == "gpt2":  # at init the prediction is near uniform over the 256 bytes
+        assert abs(first["train_loss"] - math.log(256)) < 0.3
+    assert last["train_loss"] < first["train_loss"] - 1.0, (first, last)
+    assert last["val_loss"] < first["val_loss"] - 1.0, (first, last)
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows if "loss" in r)
+    assert os.path.getsize(tmp_path / "dashboard.png") > 1000
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_resume_is_bit_identical(model, tmp_path):
+    """A run stopped at iter 6 and resumed to 12 logs exactly the losses of an unbroken 12-iter run."""
+    common = [f"--model={model}", "--lr_decay_iters=12", "--eval_interval=3", "--dropout=0.1"]
+    whole = run_train(*common, "--max_iters=12", out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"))
+    run_train(*common, "--max_iters=6", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    resumed = run_train("--init_from=resume", "--max_iters=12", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    assert len(losses(whole)) == 12
+    assert losses(resumed) == losses(whole)
+    assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
+
+
+def test_fine_tune_from_a_hugging_face_directory(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "hf")
+    rows = run_train(f"--init_from={tmp_path / 'hf'}", "--max_iters=3", "--eval_interval=3", out_dir=str(tmp_path / "o"))
+    assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3]
+    with pytest.raises(configurator.ConfigError, match="has n_layer=2, not 5"):
+        run_train(f"--init_from={tmp_path / 'hf'}", "--n_layer=5", "--max_iters=1", out_dir=str(tmp_path / "o2"))
+    with pytest.raises(configurator.ConfigError, match="longer than the model's maximum context 64"):
+        run_train(f"--init_from={tmp_path / 'hf'}", "--block_size=128", "--max_iters=1", out_dir=str(tmp_path / "o3"))
+
+
+# ------------------------------------------------------------------------------------- the command line and bad input
+
+def test_cli_run_logs_samples_and_plots(tmp_path):
+    code, out = run_cli(*TINY_RUN[:-1], "--sample_tokens=20", "--max_iters=4", "--eval_interval=2",
+                        f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}")
+    assert code == 0, out
+    import re
+    lines = re.findall(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms, ([\d,]+) tok/s, ([\d.]+) TFLOP/s$", out, re.M)
+    assert [int(l[0]) for l in lines] == [1, 2, 3, 4]  # no MFU on a CPU: there is no peak to divide by
+    assert "mfu" not in out and "sample:" in out
+    assert {"ckpt.pt", "metrics.jsonl", "dashboard.png"} <= set(os.listdir(tmp_path))
+    code, out = run_cli(f"--out_dir={tmp_path}", "--max_new_tokens=10", "--prompt=Hi", "--num_samples=2", script="sample.py")
+    assert code == 0 and out.count("---------------") == 2, out
+    (tmp_path / "prompt.txt").write_text("The answer")
+    code, out = run_cli(f"--out_dir={tmp_path}", "--max_new_tokens=5", f"--prompt=FILE:{tmp_path / 'prompt.txt'}",
+                        "--temperature=0", script="sample.py")
+    assert code == 0 and out.startswith("The answer"), out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"caf\xe9 latin-1", "not UTF-8 text.*offset 3"),
+    (b"tiny", "train split has 3 tokens, fewer than block_size\\+1=33"),
+])
+def test_bad_data_gives_one_clear_line(tmp_path, capsys, content, message):
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    code, out = run_main(capsys, "--tokenizer=byte", f"--data={path}", f"--out_dir={tmp_path / 'o'}", "--block_size=32",
+                        f"--cache_dir={tmp_path / 'c'}")
+    assert code == 1
+    assert "Traceback" not in out
+    import re
+    assert re.search("error: .*" + message, out), out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_layers=2"], "unknown key n_layers.*did you mean n_layer"),
+    (["--batch_size=big"], "batch_size='big'.*not a valid int"),
+    (["--model=gpt5"], "unknown model 'gpt5'.*gpt2"),
+    (["--tokenizer=words"], "unknown tokenizer 'words'"),
+    (["--dtype=float8"], "dtype='float8'"),
+    (["--init_from=resume"], "no checkpoint at"),
+    (["--init_from=/nonexistent_dir"], "neither scratch, resume, nor a Hugging Face"),
+    (["--vocab_size=100"], "smaller than the byte tokenizer's 256"),
+])
+def test_bad_config_gives_one_clear_line(tmp_path, capsys, args, message):
+    code, out = run_main(capsys, "--tokenizer=byte", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}", *args)
+    assert code == 1 and "Traceback" not in out, out
+    import re
+    assert re.search("error: .*" + message, out), out
+
+
+def test_resume_refuses_another_model_or_a_contradicting_config(tmp_path, capsys):
+    run_train("--max_iters=2", "--eval_interval=2", "--n_layer=2", out_dir=str(tmp_path))
+    other = next((m for m in MODELS if m != "gpt2"), "llama")
+    code, out = run_main(capsys, "--init_from=resume", f"--out_dir={tmp_path}", f"--model={other}")
+    assert code == 1 and f"holds a gpt2 model, not {other}" in out, out
+    code, out = run_main(capsys, "--init_from=resume", f"--out_dir={tmp_path}", "--n_layer=3")
+    assert code == 1 and "trained with n_layer=2, not 3" in out, out
+
+
+def test_nan_loss_stops_with_a_hint_and_keeps_the_checkpoint(tmp_path, capsys):
+    run_train("--max_iters=2", "--eval_interval=2", out_dir=str(tmp_path))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    code, out = run_main(capsys, *TINY_RUN, "--init_from=resume", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'cache'}",
+                        "--max_iters=30", "--learning_rate=1e30", "--grad_clip=0", "--eval_interval=1000")
+    assert code == 1, out
+    import re
+    assert re.search(r"error: loss is (nan|inf) at iter \d+.*ckpt.pt.*lower --learning_rate", out), out
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_wandb_offline_and_tensorboard_logging(tmp_path):
+    code, out = run_cli(*TINY_RUN, "--max_iters=2", "--eval_interval=2", "--wandb_log=True", "--tensorboard_log=True",
+                        f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}",
+                        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    assert code == 0, out
+    assert any(n.startswith("offline-run") for n in os.listdir(tmp_path / "wandb"))
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_profile_writes_a_trace_on_cpu(tmp_path):
+    run_train("--max_iters=12", "--eval_interval=100", "--profile=True", out_dir=str(tmp_path))
+    with open(tmp_path / "trace.json") as f:
+        trace = json.load(f)
+    assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
+
+
+def test_peak_flops_table_and_lr_schedule():
+    assert train.peak_flops("cpu", "float32") is None  # never a made-up MFU
+    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert train.lr_at(0, cfg) == pytest.approx(1 / 11) and train.lr_at(9, cfg) == pytest.approx(10 / 11)
+    assert train.lr_at(10, cfg) == pytest.approx(1.0)
+    assert train.lr_at(60, cfg) == pytest.approx(0.1 + 0.5 * 0.9)  # half way: cos(pi/2) = 0
+    assert train.lr_at(110, cfg) == pytest.approx(0.1) and train.lr_at(500, cfg) == pytest.approx(0.1)
+
+
 if __name__ == "__main__":
     # pytest exits 5 when it collects no test: that is a failure here, never a silent pass
     code = pytest.main([__file__, "-q", *sys.argv[1:]])

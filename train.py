@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -78,7 +79,9 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------------- models and checkpoints
 
 def model_files():
-    return sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and "class Model(" in open(os.path.join(ROOT, f)).read())
+    """The model files beside train.py: those that define a Model class at top level."""
+    pattern = re.compile(r"^class Model\(", re.M)
+    return sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and pattern.search(open(os.path.join(ROOT, f)).read()))
 
 
 def load_model_module(name):
@@ -463,9 +466,9 @@ def train(argv):
 
     x, y = train_batches.next()
     t0 = time.perf_counter()
-    started = iter_num
+    started, resumed = iter_num, cfg.init_from == "resume"
     while iter_num < cfg.max_iters:
-        if iter_num % cfg.eval_interval == 0:
+        if iter_num % cfg.eval_interval == 0 and not (resumed and iter_num == started):  # evaluated before it stopped
             evaluate()
             t0 = time.perf_counter()  # eval time is not training time
         if cfg.profile and device_type == "cuda" and iter_num in (profile_start, profile_start + 5):
@@ -534,7 +537,7 @@ def main(argv=None):
         train(sys.argv[1:] if argv is None else argv)
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, (ConfigError, DataError)) else 1)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
