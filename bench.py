@@ -1,0 +1,167 @@
+"""
+Benchmarks: numbers come from here, never from timed tests. Each prints the command that reproduces it.
+
+    python bench.py train  --model=gpt2 [--n_layer=12 ...]   # training tokens/s and MFU on random tokens
+    python bench.py decode --model=llama                     # decode tokens/s with and without a KV cache
+    python bench.py cpu-anchor                               # gaia's train.py vs the pinned nanoGPT, same shapes
+    python bench.py ... --help                               # the options of a benchmark
+
+Model keys (--n_layer=12, --n_kv_head=2, ...) are the model's Config fields, checked like train.py's.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import configurator
+import train
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def build(args, extra):
+    """The model named by --model, with its Config fields overridden by --key=value arguments."""
+    module = train.load_model_module(args.model)
+    files, overrides = configurator.split_args(extra)
+    values, _ = configurator.resolve(files, overrides, configurator.key_table(module.Config))
+    config = module.Config(**values)
+    if hasattr(config, "block_size") and "block_size" not in overrides:
+        config.block_size = max(config.block_size, getattr(args, "block_size", 0), getattr(args, "context", 0))
+    return module.Model(config)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_train(args, extra):
+    device = train.pick_device(args.device)
+    dtype = train.pick_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    model = build(args, extra).to(device)
+    vocab = model.config.vocab_size
+    cfg = train.TrainConfig(learning_rate=1e-4)
+    optimizer = train.make_optimizer(model, cfg, device)
+    step_model = torch.compile(model) if args.compile else model
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    x = torch.randint(0, vocab, (args.batch_size, args.block_size), device=device)
+    y = torch.randint(0, vocab, (args.batch_size, args.block_size), device=device)
+    times = []
+    for i in range(args.warmup + args.iters):
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tokens = args.batch_size * args.block_size
+    flops = model.flops_per_token(args.block_size) * tokens / dt
+    peak = train.peak_flops(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model} ({n_params / 1e6:.1f}M params) on {name}, {dtype}, compile={args.compile}, "
+          f"B={args.batch_size} T={args.block_size}: median {dt * 1000:.1f} ms/iter over {args.iters} iters, "
+          f"{tokens / dt:,.0f} tokens/s, {flops / 1e12:.2f} TFLOP/s" + (f", MFU {100 * flops / peak:.1f}%" if peak else ""))
+
+
+@torch.no_grad()
+def bench_decode(args, extra):
+    device = train.pick_device(args.device)
+    torch.manual_seed(0)
+    model = build(args, extra).to(device).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (args.batch_size, args.context), device=device)
+
+    def cached():
+        model.generate(prompt, args.new_tokens, temperature=0)
+
+    def recompute():  # no cache: every new token runs the model over the whole sequence so far
+        idx = prompt
+        for _ in range(args.new_tokens):
+            logits, _ = model(idx)
+            idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
+
+    print(f"{args.model} decode, batch {args.batch_size}, context {args.context}, {args.new_tokens} new tokens, {device}:")
+    for name, fn in (("KV cache", cached), ("no cache (recompute)", recompute)):
+        fn()  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        dt = time.perf_counter() - t0
+        print(f"  {name:<22} {args.batch_size * args.new_tokens / dt:10,.1f} tokens/s  ({1000 * dt / args.new_tokens:.2f} ms/token)")
+
+
+def median_ms(log):
+    """Median ms/iter of `iter N: ... time Xms` lines (nanoGPT's and gaia's format), skipping the first 5."""
+    ms = [float(t) for i, t in re.findall(r"^iter (\d+): .*?time ([\d.]+)ms", log, re.M) if int(i) >= 5]
+    return statistics.median(ms)
+
+
+def bench_cpu_anchor(args, extra):
+    """The pinned nanoGPT and gaia's train.py, same shapes (byte vocab, 4 layers, 128 wide, T=128, B=16, fp32,
+    eager), alternated `rounds` times on this machine; the ratio is what to compare across machines."""
+    shapes = ["--model=gpt2", "--tokenizer=byte", "--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=128",
+              "--batch_size=16", "--bias=True", "--dropout=0.0", "--device=cpu", "--dtype=float32", "--compile=False",
+              "--gradient_accumulation_steps=1", "--warmup_iters=10", "--learning_rate=1e-3", "--min_lr=1e-4",
+              "--grad_clip=1.0", "--eval_interval=100000", "--eval_iters=1", "--log_interval=1", "--sample_tokens=0",
+              f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}", f"--data={args.data}"]
+    results = {"nanoGPT": [], "gaia": []}
+    for _ in range(args.rounds):
+        out = subprocess.run(["bash", args.anchor, args.data, str(args.iters)], capture_output=True, text=True, check=True).stdout
+        results["nanoGPT"].append(float(re.search(r"median ([\d.]+) ms/iter", out).group(1)))
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *shapes, "--out_dir=/tmp/gaia_cpu_anchor"],
+                             capture_output=True, text=True, check=True).stdout
+        results["gaia"].append(median_ms(out))
+    nano, gaia = statistics.median(results["nanoGPT"]), statistics.median(results["gaia"])
+    tok = 16 * 128
+    print(f"nanoGPT: {nano:.1f} ms/iter ({tok / nano * 1000:,.0f} tokens/s), runs {results['nanoGPT']}")
+    print(f"gaia:    {gaia:.1f} ms/iter ({tok / gaia * 1000:,.0f} tokens/s), runs {results['gaia']}")
+    print(f"gaia / nanoGPT tokens/s: {nano / gaia:.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("train", help="training tokens/s and MFU on random tokens")
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.set_defaults(fn=bench_train)
+    p = sub.add_parser("decode", help="decode tokens/s with and without the KV cache")
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--context", type=int, default=64, help="prompt length")
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=bench_decode)
+    p = sub.add_parser("cpu-anchor", help="gaia vs the pinned nanoGPT on the CPU, same shapes")
+    p.add_argument("--anchor", default=os.path.join(ROOT, "..", "shared", "anchors", "nanogpt_cpu_bench.sh"))
+    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
+    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=3)
+    p.set_defaults(fn=bench_cpu_anchor)
+    args, extra = parser.parse_known_args()
+    print("command: python bench.py " + " ".join(sys.argv[1:]))
+    args.fn(args, extra)
+
+
+if __name__ == "__main__":
+    main()
