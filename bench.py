@@ -47,7 +47,7 @@ def bench_train(args, extra):
     model = build(args, extra).to(device)
     vocab = model.config.vocab_size
     cfg = train.TrainConfig(learning_rate=1e-4)
-    optimizer = train.make_optimizer(model, cfg, device)
+    optimizer = train.make_optimizer(model, cfg)
     step_model = torch.compile(model) if args.compile else model
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")

@@ -143,15 +143,19 @@ class Batches:
     """Random windows of block_size + 1 tokens from one split, drawn with their own torch.Generator:
     its state is the data position, saved in checkpoints so a resumed run draws the same batches."""
 
-    def __init__(self, tokens, block_size, batch_size, seed, device):
+    def __init__(self, tokens, block_size, batch_size, seed, device, rank=0, world=1):
         self.tokens, self.block_size, self.batch_size, self.device = tokens, block_size, batch_size, device
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self.position = self.generator.get_state()
 
     def next(self):
         T = self.block_size
         self.position = self.generator.get_state()  # the state that draws this batch: what a checkpoint stores
-        starts = torch.randint(len(self.tokens) - T, (self.batch_size,), generator=self.generator).tolist()
+        # every data-parallel rank draws the global batch and keeps its slice: the global batch, and so the
+        # training run, is the same for any number of ranks (and a checkpoint resumes on any world size)
+        starts = torch.randint(len(self.tokens) - T, (self.batch_size * self.world,), generator=self.generator)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
         window = torch.from_numpy(np.stack([self.tokens[s:s + T + 1] for s in starts]).astype(np.int64))
         x, y = window[:, :-1], window[:, 1:]
         if self.device.startswith("cuda"):

@@ -161,6 +161,19 @@ class Model(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
+    def tp_plan(self):
+        """Tensor parallel (Megatron-LM): q, k, v and c_fc split by output features (each rank holds whole
+        heads), c_proj by input features, so each block needs one all-reduce after attention and one after the
+        MLP. Embeddings, LayerNorms and the tied head stay replicated."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+        plan = {}
+        for i in range(self.config.n_layer):
+            p = f"transformer.h.{i}."
+            plan.update({p + "attn.c_q": ColwiseParallel(), p + "attn.c_k": ColwiseParallel(),
+                         p + "attn.c_v": ColwiseParallel(), p + "attn.c_proj": RowwiseParallel(),
+                         p + "mlp.c_fc": ColwiseParallel(), p + "mlp.c_proj": RowwiseParallel()})
+        return plan
+
     # ---------------------------------------------------------------- generation with a KV cache
 
     @torch.no_grad()

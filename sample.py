@@ -59,7 +59,7 @@ def main(argv):
     torch.manual_seed(cfg.seed)
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(cfg.out_dir)
-        model = model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]))
+        model = model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]), cfg.out_dir)
         tokenizer_name = cfg.tokenizer or ckpt["tokenizer"]
     else:
         model = load_model_module(cfg.model).Model.from_pretrained(cfg.init_from)

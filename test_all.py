@@ -377,6 +377,124 @@ def test_peak_flops_table_and_lr_schedule():
     assert train.lr_at(110, cfg) == pytest.approx(0.1) and train.lr_at(500, cfg) == pytest.approx(0.1)
 
 
+
+# ------------------------------------------------------------------------------------- distributed (gloo, 2 CPU processes)
+
+DIST_RUN = [*TINY_RUN, "--n_layer=2", "--eval_interval=3", "--lr_decay_iters=6", "--dropout=0.0"]
+
+
+def torchrun(*args, nproc=2, script="train.py", timeout=240):
+    """A torchrun launch on the CPU (gloo); the timeout guarantees that no hung process outlives the test."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, script) if script.endswith(".py") and not os.path.isabs(script) else script, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return p.returncode, p.stdout + p.stderr
+
+
+def curve(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+def assert_same_curve(a, b, tol=1e-5):
+    assert [r[0] for r in a] == [r[0] for r in b], (a, b)
+    for (i, la, ga), (_, lb, gb) in zip(a, b):
+        assert abs(la - lb) <= tol and abs(ga - gb) <= tol * max(1.0, ga), (i, la, lb, ga, gb)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    """The reference: one process, batch 8 = 2 ranks x batch 4, 6 iterations."""
+    out = tmp_path_factory.mktemp("single")
+    run_train(*DIST_RUN[len(TINY_RUN):], "--batch_size=8", "--max_iters=6", out_dir=str(out))
+    return out
+
+
+def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(single_process_run, tmp_path):
+    code, out = torchrun(*DIST_RUN, "--batch_size=4", "--max_iters=6", f"--out_dir={tmp_path}",
+                         f"--cache_dir={tmp_path / 'c'}")
+    assert code == 0, out
+    assert "= 2,048 tokens per iteration" not in out and "x 2 data-parallel ranks = 256 tokens" in out, out
+    assert_same_curve(curve(tmp_path), curve(single_process_run))
+    ddp, ref = torch.load(tmp_path / "ckpt.pt"), torch.load(single_process_run / "ckpt.pt")
+    for k, v in ref["model_state"].items():  # the weights after 6 steps: every gradient went into them
+        torch.testing.assert_close(ddp["model_state"][k], v, atol=1e-5, rtol=0)
+
+
+TP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import distributed, train
+module = train.load_model_module({model!r})
+torch.manual_seed(0)
+model = module.Model(module.Config(vocab_size=256, **{overrides!r}))
+layout = distributed.init(distributed.layout_from_env(tp=2, fsdp=False), "cpu")
+distributed.validate(model, layout)
+model = distributed.parallelize(model, layout, "cpu")
+idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+logits, loss = model(idx, idx)
+if layout.master:
+    torch.save({{"logits": logits.detach(), "loss": loss.detach()}}, {out!r})
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tensor_parallel_logits_equal_one_process(model, tmp_path):
+    module = train.load_model_module(model)
+    overrides = {"block_size": 32} if "block_size" in {f.name for f in train.fields(module.Config)} else {}
+    if not hasattr(module.Model, "tp_plan"):  # such a model must refuse --tp clearly
+        code, out = torchrun(*TINY_RUN, f"--model={model}", "--tp=2", "--max_iters=1", f"--out_dir={tmp_path}")
+        assert code != 0 and "has no tensor-parallel plan" in out, out
+        return
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT.format(root=ROOT, model=model, overrides=overrides, out=str(tmp_path / "tp.pt")))
+    code, out = torchrun(script=str(script))
+    assert code == 0, out
+    torch.manual_seed(0)
+    reference = module.Model(module.Config(vocab_size=256, **overrides))
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, loss = reference(idx, idx)
+    tp = torch.load(tmp_path / "tp.pt")
+    torch.testing.assert_close(tp["logits"], logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tp["loss"], loss, atol=1e-5, rtol=0)
+
+
+def test_tensor_parallel_training_follows_the_same_curve(single_process_run, tmp_path):
+    code, out = torchrun(*DIST_RUN, "--batch_size=8", "--max_iters=6", "--tp=2", f"--out_dir={tmp_path}",
+                         f"--cache_dir={tmp_path / 'c'}")
+    assert code == 0, out
+    assert_same_curve(curve(tmp_path), curve(single_process_run))
+
+
+def test_fsdp_curve_sharded_resume_and_resume_on_one_process(single_process_run, tmp_path):
+    args = [*DIST_RUN, "--batch_size=4", "--fsdp=True", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}"]
+    code, out = torchrun(*args, "--max_iters=3")
+    assert code == 0, out
+    assert {"ckpt_dcp", "ckpt_meta.pt"} <= set(os.listdir(tmp_path)) and "ckpt.pt" not in os.listdir(tmp_path)
+    code, out = torchrun("--init_from=resume", "--max_iters=5", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}")
+    assert code == 0 and "resuming gpt2" in out, out
+    # one process, the same global batch (8 = 2 x 4): the curve goes on as if nothing had changed
+    run_train("--init_from=resume", "--max_iters=6", "--batch_size=8", out_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert_same_curve(curve(tmp_path), curve(single_process_run))
+    code, out = run_cli(f"--out_dir={tmp_path}", "--max_new_tokens=5", script="sample.py")  # sample.py reads DCP too
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp=3"], "--tp=3 does not divide the 2 processes"),
+    (["--tp=2", "--n_head=1", "--n_embd=32"], "--tp=2 cannot split transformer.h.0.attn.c_q \\(1 heads of 32\\)"),
+])
+def test_bad_tp_fails_fast_on_every_rank(tmp_path, args, message):
+    import re
+    code, out = torchrun(*TINY_RUN, *args, "--max_iters=2", f"--out_dir={tmp_path}", timeout=120)
+    assert code != 0
+    assert len(re.findall("error: " + message, out)) == 2, out  # both ranks say it, neither hangs
+
+
 if __name__ == "__main__":
     # pytest exits 5 when it collects no test: that is a failure here, never a silent pass
     code = pytest.main([__file__, "-q", *sys.argv[1:]])

@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 import configurator
+import distributed
 from configurator import ConfigError
 from data import Batches, DataError, get_tokenizer, load_splits
+from distributed import DistributedError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -70,6 +72,8 @@ class TrainConfig:
     wandb_run_name: str = ""         # "" = model name and time
     tensorboard_log: bool = False
     profile: bool = False            # trace iterations 5-9 (torch.profiler; on CUDA also cudaProfilerStart/Stop for nsys)
+    tp: int = 1                      # tensor-parallel degree (under torchrun); the rest of the processes are data parallel
+    fsdp: bool = False               # shard parameters, gradients and optimizer state with FSDP2 (under torchrun)
 
 
 class TrainingError(RuntimeError):
@@ -93,12 +97,15 @@ def load_model_module(name):
     return importlib.import_module(name)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise TrainingError(f"no checkpoint at {path}; train first, or point --out_dir at the run to resume")
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(out_dir, map_location="cpu"):
+    """ckpt.pt of a run, or for a sharded (--tp/--fsdp) run its ckpt_meta.pt: everything but the tensors,
+    which stay in ckpt_dcp/ until distributed.load_sharded reads them into a model of any layout."""
+    for name in ("ckpt.pt", "ckpt_meta.pt"):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    raise TrainingError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}; train first, or point --out_dir "
+                        f"at the run to resume")
 
 
 def save_checkpoint(path, state):
@@ -108,10 +115,12 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def model_from_checkpoint(ckpt, module):
-    config = module.Config(**ckpt["model_config"])
-    model = module.Model(config)
-    model.load_state_dict(ckpt["model_state"])
+def model_from_checkpoint(ckpt, module, out_dir):
+    model = module.Model(module.Config(**ckpt["model_config"]))
+    if ckpt.get("sharded"):
+        distributed.load_sharded(out_dir, model)
+    else:
+        model.load_state_dict(ckpt["model_state"])
     return model
 
 
@@ -192,16 +201,19 @@ def lr_at(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model, cfg, device):
-    """AdamW; matrices (and embeddings) decay, biases and norm gains do not. Fused kernel where supported."""
+def make_optimizer(model, cfg, fused=True):
+    """AdamW; matrices (and embeddings) decay, biases and norm gains do not. Fused kernel where supported
+    (not for sharded DTensor parameters: the foreach kernel is the one tested with them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):  # this device or dtype has no fused AdamW
-        return torch.optim.AdamW(groups, **kwargs)
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # this device or dtype has no fused AdamW
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 # ------------------------------------------------------------------------------------- metrics and dashboard
@@ -216,16 +228,19 @@ class MetricsLog:
     """metrics.jsonl (one row per logged iteration and per eval), a dashboard PNG redrawn at each eval,
     and wandb / tensorboard when asked for."""
 
-    def __init__(self, cfg, out_dir, resume_iter, run_config):
+    def __init__(self, cfg, out_dir, resume_iter, run_config, enabled=True):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.png = os.path.join(out_dir, "dashboard.png")
+        self.enabled = enabled  # under torchrun only rank 0 writes
+        self.wandb = self.tb = None
+        if not enabled:
+            return
         if resume_iter is None:
             open(self.path, "w").close()
         elif os.path.exists(self.path):  # drop rows a crashed run wrote after its last checkpoint
             rows = [r for r in self.rows() if r["iter"] <= resume_iter]
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-        self.wandb = self.tb = None
         if cfg.wandb_log:
             import wandb
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config)
@@ -241,6 +256,8 @@ class MetricsLog:
             return [json.loads(line) for line in f if line.strip()]
 
     def log(self, row):
+        if not self.enabled:
+            return
         row = {k: to_loggable(v) for k, v in row.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -252,6 +269,8 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, row["iter"])
 
     def plot(self):
+        if not self.enabled:
+            return
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -317,7 +336,8 @@ def configure(argv):
             if values[k] != stored[k]:
                 raise TrainingError(f"{out_dir}/ckpt.pt was trained with {k}={stored[k]!r}, not {values[k]!r}; "
                                     f"drop --{k} to resume it, or start a new run in another --out_dir")
-        values.update({k: v for k, v in stored.items() if k not in explicit and k in values})
+        layout_keys = {"out_dir", "tp", "fsdp", "device", "compile"}  # how to run, not what: never restored
+        values.update({k: v for k, v in stored.items() if k not in explicit and k in values and k not in layout_keys})
         values.update(init_from="resume", out_dir=out_dir)
     cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
     model_cfg = module.Config(**{f.name: values[f.name] for f in fields(module.Config) if f.name in values})
@@ -337,7 +357,8 @@ def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
         if "dropout" in explicit and "dropout" in stored:
             stored["dropout"] = model_cfg.dropout
         model = module.Model(module.Config(**stored))
-        model.load_state_dict(ckpt["model_state"])
+        if not ckpt.get("sharded"):  # sharded weights are loaded after the model is parallelized
+            model.load_state_dict(ckpt["model_state"])
     elif cfg.init_from == "scratch":
         if hasattr(model_cfg, "vocab_size"):
             if "vocab_size" in explicit and cfg.vocab_size is not None:
@@ -373,30 +394,40 @@ def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
 # ------------------------------------------------------------------------------------- the training loop
 
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, autocast, device):
+def estimate_loss(model, splits, cfg, autocast, device, layout):
     """Mean loss over eval_iters batches of each split. The batches come from a generator seeded the
-    same way every time, so evals are comparable and never disturb the training data order or RNG."""
+    same way every time, so evals are comparable and never disturb the training data order or RNG;
+    data-parallel ranks each take their slice of every batch, so the result is the same at any world size."""
     model.eval()
     out = {}
     for name, tokens in splits.items():
-        batches = Batches(tokens, cfg.block_size, cfg.batch_size, seed=cfg.seed + 1000, device=device)
+        batches = Batches(tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1000, device, layout.dp_rank, layout.dp)
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
             x, y = batches.next()
             with autocast:
                 _, loss = model(x, y)
             losses[k] = loss.item()
-        out[name] = losses.mean().item()
+        out[name] = distributed.all_mean(losses.mean().item(), layout)
     model.train()
     return out
 
 
 def train(argv):
     cfg, module, model_cfg, ckpt, explicit = configure(argv)
+    layout = distributed.layout_from_env(cfg.tp, cfg.fsdp)
     device = pick_device(cfg.device)
+    if device == "cuda" and layout.world > 1:
+        device = f"cuda:{layout.local_rank}"
+        torch.cuda.set_device(device)
     dtype = pick_dtype(cfg.dtype, device)
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    say = print if layout.master else (lambda *a, **k: None)
+    if ckpt is not None and ckpt.get("sharded") is None and layout.sharded:
+        raise TrainingError(f"{cfg.out_dir}/ckpt.pt is an unsharded checkpoint; resume it without --tp/--fsdp "
+                            f"(one process or DDP), or start a new run")
+    if layout.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -407,48 +438,60 @@ def train(argv):
     tokenizer = get_tokenizer(cfg.tokenizer)
     cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gaia")
     train_tokens, val_tokens = load_splits(cfg.data, tokenizer, cache_dir, cfg.block_size)
-    model = build_model(cfg, module, model_cfg, ckpt, explicit, tokenizer.vocab_size).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    model = build_model(cfg, module, model_cfg, ckpt, explicit, tokenizer.vocab_size)
+    distributed.validate(model, layout)  # before any collective: a bad layout fails on every rank, none hangs
+    distributed.init(layout, device_type)
+    raw_model = model.to(device)
+    model = distributed.parallelize(raw_model, layout, device)
+    optimizer = make_optimizer(raw_model, cfg, fused=not layout.sharded)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
                 else contextlib.nullcontext())
-    train_batches = Batches(train_tokens, cfg.block_size, cfg.batch_size, seed=cfg.seed, device=device)
+    train_batches = Batches(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, device, layout.dp_rank, layout.dp)
     iter_num, best_val = 0, float("inf")
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer_state"])
+        if ckpt.get("sharded"):
+            distributed.load_sharded(cfg.out_dir, raw_model, optimizer)
+        else:
+            optimizer.load_state_dict(ckpt["optimizer_state"])
         scaler.load_state_dict(ckpt["scaler_state"])
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         train_batches.generator.set_state(ckpt["data_state"])  # redraws the batch the stopped run had fetched
         set_rng_states(ckpt["rng"])
-        print(f"resuming {ckpt['model_name']} from {cfg.out_dir}/ckpt.pt at iter {iter_num}")
+        say(f"resuming {ckpt['model_name']} from {cfg.out_dir} at iter {iter_num}")
     ckpt = None  # free its memory
-    raw_model = model
     if cfg.compile:
         model = torch.compile(model)
 
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * layout.dp
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
     peak = peak_flops(device, dtype)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    print(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {device}, {dtype}, "
-          f"{tokens_per_iter:,} tokens per iteration, {len(train_tokens):,} train tokens")
+    peak = peak * layout.world if peak else None
+    n_params = sum(p.numel() for p in raw_model.parameters())  # a DTensor's numel is its global size
+    say(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {device}, {dtype}, {len(train_tokens):,} train tokens")
+    say(f"global batch: {cfg.batch_size} sequences x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} "
+        f"accumulation steps x {layout.dp} data-parallel ranks = {tokens_per_iter:,} tokens per iteration"
+        + (f" ({layout.world} processes: dp={layout.dp}, tp={layout.tp}, fsdp={layout.fsdp})" if layout.world > 1 else ""))
     run_config = {**asdict(cfg), **asdict(raw_model.config)}
-    log = MetricsLog(cfg, cfg.out_dir, iter_num if cfg.init_from == "resume" else None, run_config)
+    log = MetricsLog(cfg, cfg.out_dir, iter_num if cfg.init_from == "resume" else None, run_config, layout.master)
     after_step = getattr(raw_model, "after_optimizer_step", None)
     model_metrics = getattr(raw_model, "metrics", None)
     splits = {"train": train_tokens, "val": val_tokens}
 
     def checkpoint(val_loss):
-        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
-            model_name=cfg.model, model_config=asdict(raw_model.config), train_config=asdict(cfg),
-            model_state=raw_model.state_dict(), optimizer_state=optimizer.state_dict(),
-            scaler_state=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val, val_loss=val_loss,
-            rng=rng_states(), data_state=train_batches.position, tokenizer=cfg.tokenizer))
+        meta = dict(model_name=cfg.model, model_config=asdict(raw_model.config), train_config=asdict(cfg),
+                    scaler_state=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val, val_loss=val_loss,
+                    rng=rng_states(), data_state=train_batches.position, tokenizer=cfg.tokenizer)
+        if layout.sharded:
+            distributed.save_sharded(cfg.out_dir, raw_model, optimizer, meta, layout)
+        elif layout.master:
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
+                meta, model_state=raw_model.state_dict(), optimizer_state=optimizer.state_dict()))
 
     def evaluate():
         nonlocal best_val
-        losses = estimate_loss(model, splits, cfg, autocast, device)
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        losses = estimate_loss(model, splits, cfg, autocast, device, layout)
+        say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         log.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
         improved = losses["val"] < best_val
         best_val = min(best_val, losses["val"])
@@ -460,7 +503,8 @@ def train(argv):
     if cfg.profile:
         profiler = torch.profiler.profile(
             schedule=torch.profiler.schedule(wait=4, warmup=1, active=5, repeat=1),
-            on_trace_ready=lambda p: p.export_chrome_trace(os.path.join(cfg.out_dir, "trace.json")))
+            on_trace_ready=lambda p: p.export_chrome_trace(os.path.join(cfg.out_dir, f"trace_rank{layout.rank}.json"
+                                                                        if layout.world > 1 else "trace.json")))
         profiler.start()
     profile_start = iter_num + 5
 
@@ -477,16 +521,18 @@ def train(argv):
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.gradient_accumulation_steps):
-            with nvtx("forward", device), autocast:
-                _, loss = model(x, y)
-                loss = loss / cfg.gradient_accumulation_steps
-            with nvtx("data", device):
-                x, y = train_batches.next()  # fetch the next batch while the device works on this one
-            with nvtx("backward", device):
-                scaler.scale(loss).backward()
+            last = micro == cfg.gradient_accumulation_steps - 1
+            with distributed.no_grad_sync(model, last):
+                with nvtx("forward", device), autocast:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.gradient_accumulation_steps
+                with nvtx("data", device):
+                    x, y = train_batches.next()  # fetch the next batch while the device works on this one
+                with nvtx("backward", device):
+                    scaler.scale(loss).backward()
         with nvtx("optimizer step", device):
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = distributed.clip_grad_norm(list(raw_model.parameters()), cfg.grad_clip or float("inf"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -499,19 +545,20 @@ def train(argv):
         if profiler is not None:
             profiler.step()
         if not math.isfinite(loss_value):
-            kept = os.path.join(cfg.out_dir, "ckpt.pt")
+            kept = [os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "ckpt_meta.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
             raise TrainingError(
                 f"loss is {loss_value} at iter {iter_num}; stopping. "
-                + (f"The last good checkpoint is kept at {kept}. " if os.path.exists(kept) else "")
+                + (f"The last good checkpoint is kept at {kept[0]}. " if kept else "")
                 + f"Try a lower --learning_rate (now {cfg.learning_rate:g})"
                 + (", or --dtype=float32" if dtype != "float32" else "")
                 + (", or a smaller --grad_clip" if cfg.grad_clip == 0 or cfg.grad_clip > 1 else ""))
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            loss_value = distributed.all_mean(loss_value, layout)  # the whole global batch's loss
             tokens_per_s = tokens_per_iter / dt
             achieved = flops_per_iter / dt
             speed = f"mfu {100 * achieved / peak:.2f}%" if peak else f"{achieved / 1e12:.3f} TFLOP/s"
-            print(f"iter {iter_num}: loss {loss_value:.4f}, time {dt * 1000:.2f}ms, {tokens_per_s:,.0f} tok/s, {speed}")
-            row = {"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+            say(f"iter {iter_num}: loss {loss_value:.4f}, time {dt * 1000:.2f}ms, {tokens_per_s:,.0f} tok/s, {speed}")
+            row = {"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": tokens_per_s, "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None}
             if model_metrics is not None:
                 row.update(model_metrics())
@@ -520,22 +567,26 @@ def train(argv):
         profiler.stop()
     if iter_num > started or cfg.max_iters == 0:
         evaluate()
-        if iter_num > 0 and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+        if iter_num > 0 and not any(os.path.exists(os.path.join(cfg.out_dir, n)) for n in ("ckpt.pt", "ckpt_meta.pt")):
             checkpoint(None)
     log.close()
-    print(f"metrics: {log.path}, dashboard: {log.png}")
-    if cfg.sample_tokens > 0:
+    say(f"metrics: {log.path}, dashboard: {log.png}")
+    if cfg.sample_tokens > 0 and layout.master and not layout.sharded:
         from sample import generate_text
         text = generate_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.temperature,
                              cfg.top_k, cfg.top_p, device, autocast)
-        print("sample:\n" + text)
+        say("sample:\n" + text)
+    elif cfg.sample_tokens > 0 and layout.sharded:
+        say(f"sample with: python sample.py --out_dir={cfg.out_dir}")
+    if layout.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return raw_model
 
 
 def main(argv=None):
     try:
         train(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, DataError, TrainingError) as e:
+    except (ConfigError, DataError, TrainingError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
