@@ -2,6 +2,7 @@
 Benchmarks: numbers come from here, never from timed tests. Each prints the command that reproduces it.
 
     python bench.py train  --model=gpt2 [--n_layer=12 ...]   # training tokens/s and MFU on random tokens
+    torchrun --standalone --nproc_per_node=2 bench.py train  # tokens/s per rank and scaling efficiency
     python bench.py decode --model=llama                     # decode tokens/s with and without a KV cache
     python bench.py cpu-anchor                               # gaia's train.py vs the pinned nanoGPT, same shapes
     python bench.py ... --help                               # the options of a benchmark
@@ -19,6 +20,7 @@ import time
 import torch
 
 import configurator
+import distributed
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -40,17 +42,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_train(args, extra):
-    device = train.pick_device(args.device)
-    dtype = train.pick_dtype(args.dtype, device)
-    torch.manual_seed(0)
-    model = build(args, extra).to(device)
-    vocab = model.config.vocab_size
-    cfg = train.TrainConfig(learning_rate=1e-4)
-    optimizer = train.make_optimizer(model, cfg)
+def time_training(model, params, args, device, dtype):
+    """Median seconds per training iteration (forward, backward, clip, AdamW) on fixed random tokens."""
+    optimizer = train.make_optimizer(model, train.TrainConfig(learning_rate=1e-4), fused=not args.fsdp and args.tp == 1)
     step_model = torch.compile(model) if args.compile else model
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    vocab = params.vocab_size
     x = torch.randint(0, vocab, (args.batch_size, args.block_size), device=device)
     y = torch.randint(0, vocab, (args.batch_size, args.block_size), device=device)
     times = []
@@ -60,21 +58,62 @@ def bench_train(args, extra):
         with autocast:
             _, loss = step_model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        distributed.clip_grad_norm(list(model.parameters()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
-    tokens = args.batch_size * args.block_size
-    flops = model.flops_per_token(args.block_size) * tokens / dt
-    peak = train.peak_flops(device, dtype)
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+    return statistics.median(times)
+
+
+def bench_train(args, extra):
+    """One process: tokens/s, TFLOP/s and MFU. Under torchrun: rank 0 first times the model alone, then every
+    rank times the parallel model (DDP, or --tp / --fsdp); per-rank tokens/s over the solo figure is the
+    scaling efficiency."""
+    layout = distributed.layout_from_env(args.tp, args.fsdp)
+    device = train.pick_device(args.device)
+    if device == "cuda" and layout.world > 1:
+        device = f"cuda:{layout.local_rank}"
+        torch.cuda.set_device(device)
+    dtype = train.pick_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    model = build(args, extra)
+    distributed.validate(model, layout)
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    distributed.init(layout, device_type)
+    model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model} ({n_params / 1e6:.1f}M params) on {name}, {dtype}, compile={args.compile}, "
-          f"B={args.batch_size} T={args.block_size}: median {dt * 1000:.1f} ms/iter over {args.iters} iters, "
-          f"{tokens / dt:,.0f} tokens/s, {flops / 1e12:.2f} TFLOP/s" + (f", MFU {100 * flops / peak:.1f}%" if peak else ""))
+    flops_per_token = model.flops_per_token(args.block_size)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+    peak = train.peak_flops(device, dtype)
+    tokens = args.batch_size * args.block_size  # per rank and iteration
+
+    def report(label, dt, ranks_per_batch=1):
+        flops = flops_per_token * tokens / dt / ranks_per_batch
+        print(f"{label}: {args.model} ({n_params / 1e6:.1f}M params) on {name}, {dtype}, compile={args.compile}, "
+              f"B={args.batch_size} T={args.block_size}: median {dt * 1000:.1f} ms/iter over {args.iters} iters, "
+              f"{tokens / dt / ranks_per_batch:,.0f} tokens/s, {flops / 1e12:.2f} TFLOP/s"
+              + (f", MFU {100 * flops / peak:.1f}%" if peak else ""))
+
+    if layout.world == 1:
+        report("1 process", time_training(model, model.config, args, device, dtype))
+        return
+    import copy
+    import torch.distributed as dist
+    solo = None
+    if layout.master:  # the baseline: the same model, alone, while the other ranks wait
+        solo = time_training(copy.deepcopy(model), model.config, argparse.Namespace(**{**vars(args), "tp": 1, "fsdp": False}),
+                             device, dtype)
+        report("1 process (rank 0 alone)", solo)
+    dist.barrier()
+    dt = time_training(distributed.parallelize(model, layout, device), model.config, args, device, dtype)
+    if layout.master:
+        # tp ranks share one batch: per rank, a tp group's tokens are divided among its tp ranks
+        report(f"{layout.world} processes (dp={layout.dp}, tp={layout.tp}, fsdp={layout.fsdp}), per rank", dt, layout.tp)
+        print(f"scaling efficiency: {solo / (dt * layout.tp):.2f} (per-rank tokens/s over the solo run's; "
+              f"total {tokens * layout.dp / dt:,.0f} tokens/s)")
+    dist.destroy_process_group()
 
 
 @torch.no_grad()
@@ -144,6 +183,8 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (under torchrun)")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 (under torchrun)")
     p.set_defaults(fn=bench_train)
     p = sub.add_parser("decode", help="decode tokens/s with and without the KV cache")
     p.add_argument("--model", default="gpt2")
@@ -159,7 +200,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.set_defaults(fn=bench_cpu_anchor)
     args, extra = parser.parse_known_args()
-    print("command: python bench.py " + " ".join(sys.argv[1:]))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("command: python bench.py " + " ".join(sys.argv[1:]))
     args.fn(args, extra)
 
 

@@ -361,6 +361,26 @@ def test_wandb_offline_and_tensorboard_logging(tmp_path):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
 
 
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(configurator.ConfigError, match="pip install tensorboard"):
+        run_train("--max_iters=1", "--tensorboard_log=True", out_dir=str(tmp_path))
+
+
+def test_bench_runs_for_a_model(capsys):
+    import bench
+    sys_argv = sys.argv
+    try:
+        for argv in (["bench.py", "train", "--batch_size=2", "--block_size=16", "--iters=1", "--warmup=0", "--vocab_size=64"],
+                     ["bench.py", "decode", "--context=4", "--new_tokens=3", "--vocab_size=64"]):
+            sys.argv = argv
+            bench.main()
+    finally:
+        sys.argv = sys_argv
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "KV cache" in out and "no cache (recompute)" in out
+
+
 def test_profile_writes_a_trace_on_cpu(tmp_path):
     run_train("--max_iters=12", "--eval_interval=100", "--profile=True", out_dir=str(tmp_path))
     with open(tmp_path / "trace.json") as f:
