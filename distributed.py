@@ -85,8 +85,8 @@ def check_tp_plan(model, plan, tp):
 
 
 def check_linear(path, module, style, head_dims, tp):
-    from torch.distributed.tensor.parallel import ColwiseParallel
-    if isinstance(module, nn.Linear):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    if isinstance(module, nn.Linear) and isinstance(style, (ColwiseParallel, RowwiseParallel)):
         size = module.out_features if isinstance(style, ColwiseParallel) else module.in_features
         owner = max((n for n in head_dims if path.startswith(n + ".")), key=len, default=None)
         unit = head_dims[owner] if owner is not None else 1

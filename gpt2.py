@@ -162,16 +162,27 @@ class Model(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
     def tp_plan(self):
-        """Tensor parallel (Megatron-LM): q, k, v and c_fc split by output features (each rank holds whole
-        heads), c_proj by input features, so each block needs one all-reduce after attention and one after the
-        MLP. Embeddings, LayerNorms and the tied head stay replicated."""
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-        plan = {}
+        """Tensor parallel (Megatron-LM) with sequence parallel (Korthikanti et al. 2022). Inside attention and
+        the MLP, q, k, v and c_fc are split by output features (each rank holds whole heads) and c_proj by
+        input features. Between them the residual stream and the LayerNorms are split along the sequence, so
+        each rank stores 1/tp of those activations: an all-gather before each attention/MLP, a reduce-scatter
+        after. The embeddings and the tied head stay replicated."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                       RowwiseParallel, SequenceParallel)
+        gather = lambda n_args: PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n_args - 1),
+                                                   desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1),
+                                                   use_local_output=True)
+        plan = {"transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+                "transformer.ln_f": SequenceParallel(use_local_output=True),
+                "lm_head": gather(1)}
         for i in range(self.config.n_layer):
             p = f"transformer.h.{i}."
-            plan.update({p + "attn.c_q": ColwiseParallel(), p + "attn.c_k": ColwiseParallel(),
-                         p + "attn.c_v": ColwiseParallel(), p + "attn.c_proj": RowwiseParallel(),
-                         p + "mlp.c_fc": ColwiseParallel(), p + "mlp.c_proj": RowwiseParallel()})
+            plan.update({p + "ln_1": SequenceParallel(use_local_output=True), p + "attn": gather(3),
+                         p + "attn.c_q": ColwiseParallel(), p + "attn.c_k": ColwiseParallel(),
+                         p + "attn.c_v": ColwiseParallel(), p + "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+                         p + "ln_2": SequenceParallel(use_local_output=True), p + "mlp": gather(1),
+                         p + "mlp.c_fc": ColwiseParallel(), p + "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1))})
         return plan
 
     # ---------------------------------------------------------------- generation with a KV cache
