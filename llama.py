@@ -124,7 +124,14 @@ class Attention(nn.Module):
                                                is_causal=True, enable_gqa=gqa)
         else:
             k, v, mask = cache.update(layer, k, v)  # k, v: (B, n_kv_head, pos + T, hd), the whole prefix
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            if T == 1 and gqa:
+                # decoding one token: the n_rep query heads of a group see the same keys and no mask, so they are
+                # n_rep queries of one head, (B, n_kv_head, n_rep, hd), and each cached k/v head is read once per
+                # group instead of once per query head (on CPU, enable_gqa gains little from the sharing: README)
+                y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, self.head_dim), k, v)
+                y = y.reshape(B, -1, 1, self.head_dim)  # (B, n_head, 1, hd), query head h = group h // n_rep
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * hd): heads side by side again
         return self.resid_dropout(self.o_proj(y))
 

@@ -515,6 +515,167 @@ def test_bad_tp_fails_fast_on_every_rank(tmp_path, args, message):
     assert len(re.findall("error: " + message, out)) == 2, out  # both ranks say it, neither hangs
 
 
+
+# ------------------------------------------------------------------------------------- llama.py
+# Tests of llama.py. The references are independent of gaia's code: Hugging Face transformers'
+# LlamaForCausalLM holding the same weights, the cache-free full forward, the KV-cache size formula,
+# and the published widths of Llama 2 7B and Llama 3 8B.
+import llama
+
+LLAMA_VOCAB = 96
+# Llama 3 frequency scaling as transformers 5 spells it (config.rope_parameters, rope_type "llama3"). With
+# head_dim 16 and original_max_position_embeddings 16, pair 0 (wavelength 6.3) is interpolated and pairs 1-7
+# (wavelengths 20 .. 20000) are stretched 8x: the 24-token test sequences feel both.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+
+def tiny_hf_llama(n_head=4, n_kv_head=4, tie=False, rope_parameters=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                         num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=64,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_parameters=rope_parameters,
+                         initializer_range=0.1)  # > HF's 0.02: peaked attention, so a wrong rotation shows in the logits
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # HF starts every RMSNorm weight at 1; random ones make a swapped or dropped norm visible
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("n_head,n_kv_head,tie", [
+    (4, 4, False),  # MHA
+    (4, 2, False),  # GQA 2:1
+    (8, 2, False),  # GQA 4:1
+    (4, 1, False),  # MQA
+    (4, 2, True),   # tied embeddings
+], ids=["mha", "gqa2", "gqa4", "mqa", "tied"])
+def test_llama_matches_transformers(tmp_path, n_head, n_kv_head, tie):
+    hf_model = tiny_hf_llama(n_head, n_kv_head, tie)
+    model = hf_roundtrip(llama, hf_model, tmp_path, LLAMA_VOCAB)  # logits <= 1e-4 both ways
+    c = model.config
+    assert (c.n_head, c.n_kv_head, c.tie_word_embeddings) == (n_head, n_kv_head, tie)
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+    saved = json.loads((tmp_path / "gaia" / "config.json").read_text())
+    assert saved["tie_word_embeddings"] == tie and saved["num_key_value_heads"] == n_kv_head
+    check_cached_decode(model, LLAMA_VOCAB)  # 32 greedy tokens with the KV cache == full forward, <= 1e-5
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    hf_model = tiny_hf_llama(4, 2, rope_parameters=dict(LLAMA3_ROPE))
+    model = hf_roundtrip(llama, hf_model, tmp_path, LLAMA_VOCAB)
+    assert (model.config.rope_factor, model.config.rope_original_max_position_embeddings) == (8.0, 16)
+    saved = json.loads((tmp_path / "gaia" / "config.json").read_text())["rope_parameters"]
+    assert {k: saved[k] for k in LLAMA3_ROPE} == LLAMA3_ROPE
+    check_cached_decode(model, LLAMA_VOCAB)
+    # the scaling is felt at these lengths: the same weights with plain RoPE give other logits
+    plain = llama.Model.from_pretrained(str(tmp_path / "hf"), rope_factor=1.0).eval()
+    idx = torch.randint(0, LLAMA_VOCAB, (2, 24))
+    with torch.no_grad():
+        assert (plain(idx)[0] - hf_model(idx).logits).abs().max() > 1e-2
+
+
+def test_llama_cache_prefill_in_chunks():
+    # a prompt fed in two chunks through the cache (the second one masked causally at an offset) == one forward
+    torch.manual_seed(0)
+    model = llama.Model(llama.Config(vocab_size=LLAMA_VOCAB, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)).eval()
+    idx = torch.randint(0, LLAMA_VOCAB, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.make_cache(2, 20)
+        first, _ = model(idx[:, :7], cache=cache)
+        second, _ = model(idx[:, 7:], cache=cache)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_kv_head,dtype", [(4, torch.float32), (2, torch.float32), (1, torch.float32),
+                                             (2, torch.bfloat16)], ids=["mha", "gqa", "mqa", "gqa-bf16"])
+def test_llama_kv_cache_bytes(n_kv_head, dtype):
+    # the cache generate() really allocates holds n_kv_head heads: 2 * n_layer * n_kv_head * head_dim * dtype_size
+    # bytes per token, never the n_head repeated ones
+    n_layer, n_head, n_embd, B, prompt, new = 3, 4, 64, 2, 5, 4
+    model = llama.Model(llama.Config(vocab_size=LLAMA_VOCAB, block_size=32, n_layer=n_layer, n_head=n_head,
+                                     n_kv_head=n_kv_head, n_embd=n_embd)).to(dtype).eval()
+    caches = []
+    make_cache = model.make_cache
+    model.make_cache = lambda *a: caches.append(make_cache(*a)) or caches[-1]
+    model.generate(torch.randint(0, LLAMA_VOCAB, (B, prompt)), new, temperature=0)
+    (cache,) = caches
+    per_token = 2 * n_layer * n_kv_head * (n_embd // n_head) * torch.finfo(dtype).bits // 8
+    assert cache.k.shape[2] == n_kv_head
+    assert cache.bytes_per_token == per_token
+    assert cache.nbytes == per_token * B * (prompt + new)
+    assert cache.nbytes == sum(t.untyped_storage().nbytes() for t in (cache.k, cache.v))
+
+
+def test_llama_swiglu_width_rule():
+    # Meta's multiple_of rule against the published widths: Llama 2 7B 11008, Llama 3 8B 14336
+    assert llama.swiglu_hidden_dim(llama.Config(n_embd=4096, multiple_of=256)) == 11008
+    assert llama.swiglu_hidden_dim(llama.Config(n_embd=4096, multiple_of=1024, ffn_dim_multiplier=1.3)) == 14336
+    assert llama.swiglu_hidden_dim(llama.Config(n_embd=4096, intermediate_size=1000)) == 1000
+
+
+def test_llama_gaia_model_loads_in_transformers(tmp_path):
+    # a gaia-born model (Meta's width rule, tied, GQA, Llama 3 scaling) saved and read by transformers
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    config = llama.Config(vocab_size=LLAMA_VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                          tie_word_embeddings=True, rope_factor=4.0, rope_original_max_position_embeddings=16)
+    model = llama.Model(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)  # larger than the init, so attention is far from uniform
+    model.save_pretrained(str(tmp_path))
+    hf_model = LlamaForCausalLM.from_pretrained(tmp_path).float().eval()
+    assert hf_model.config.intermediate_size == llama.swiglu_hidden_dim(config) == 192
+    idx = torch.randint(0, LLAMA_VOCAB, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(idx).logits, model(idx)[0], atol=1e-4, rtol=0)
+
+
+def test_llama_tp_plan_names_real_modules():
+    import fnmatch
+    model = llama.Model(llama.Config(n_layer=2))
+    names = dict(model.named_modules())
+    plan = model.tp_plan()
+    styles = {path.split(".")[-1]: type(style).__name__ for path, style in plan.items()}
+    assert styles == dict(q_proj="ColwiseParallel", k_proj="ColwiseParallel", v_proj="ColwiseParallel",
+                          o_proj="RowwiseParallel", gate_proj="ColwiseParallel", up_proj="ColwiseParallel",
+                          down_proj="RowwiseParallel")
+    for path in plan:
+        matched = [n for n in names if fnmatch.fnmatch(n, path)]
+        assert len(matched) == 2 and all(isinstance(names[n], torch.nn.Linear) for n in matched), path
+
+
+def test_llama_bad_input():
+    with pytest.raises(ValueError, match="n_head=4 is not divisible by n_kv_head=3"):
+        llama.Model(llama.Config(n_head=4, n_kv_head=3))
+    with pytest.raises(ValueError, match="head_dim .* is odd"):
+        llama.Model(llama.Config(n_embd=36, n_head=4, n_kv_head=2))
+    with pytest.raises(ValueError, match="not divisible by n_head"):
+        llama.Model(llama.Config(n_embd=130, n_head=4))
+    model = llama.Model(llama.Config(vocab_size=LLAMA_VOCAB, block_size=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=1))
+    with pytest.raises(ValueError, match="longer than block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    cache = model.make_cache(1, 16)
+    model(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="longer than block_size=16"):  # 10 cached + 7 new
+        model(torch.zeros(1, 7, dtype=torch.long), cache=cache)
+
+
+def test_llama_rejects_unsupported_checkpoints(tmp_path):
+    base = dict(model_type="llama", vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    for extra, message in [(dict(rope_parameters=dict(rope_type="yarn", factor=2.0)), "rope_type='yarn'"),
+                           (dict(attention_bias=True), "attention_bias=True"),
+                           (dict(model_type="mistral"), "not llama")]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+        with pytest.raises(ValueError, match=message):
+            llama.Model.from_pretrained(str(tmp_path))
+
+
 if __name__ == "__main__":
     # pytest exits 5 when it collects no test: that is a failure here, never a silent pass
     code = pytest.main([__file__, "-q", *sys.argv[1:]])
