@@ -4,6 +4,7 @@ Benchmarks: numbers come from here, never from timed tests. Each prints the comm
     python bench.py train  --model=gpt2 [--n_layer=12 ...]   # training tokens/s and MFU on random tokens
     torchrun --standalone --nproc_per_node=2 bench.py train  # tokens/s per rank and scaling efficiency
     python bench.py decode --model=llama                     # decode tokens/s with and without a KV cache
+    python bench.py decode --model=llama --sweep=n_kv_head=8,2,1 --n_head=8 --n_embd=256   # MHA vs GQA vs MQA
     python bench.py cpu-anchor                               # gaia's train.py vs the pinned nanoGPT, same shapes
     python bench.py ... --help                               # the options of a benchmark
 
@@ -118,29 +119,49 @@ def bench_train(args, extra):
 
 @torch.no_grad()
 def bench_decode(args, extra):
+    """Greedy decode tokens/s with the model's cache and without one (a full forward over the whole sequence
+    for every new token). --sweep=n_kv_head=8,2,1 builds one model per value (e.g. MHA vs GQA vs MQA of the
+    same size) and alternates them over --repeats rounds, keeping each one's best: load elsewhere on the
+    machine then hits every model alike."""
     device = train.pick_device(args.device)
-    torch.manual_seed(0)
-    model = build(args, extra).to(device).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (args.batch_size, args.context), device=device)
+    key, _, values = (args.sweep or "=").partition("=")
+    variants = [[f"--{key}={v}"] for v in values.split(",")] if key else [[]]
+    models = []
+    for variant in variants:
+        torch.manual_seed(0)
+        models.append(build(args, extra + variant).to(device).eval())
+    prompt = torch.randint(0, models[0].config.vocab_size, (args.batch_size, args.context), device=device)
 
-    def cached():
-        model.generate(prompt, args.new_tokens, temperature=0)
-
-    def recompute():  # no cache: every new token runs the model over the whole sequence so far
-        idx = prompt
-        for _ in range(args.new_tokens):
-            logits, _ = model(idx)
-            idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
-
-    print(f"{args.model} decode, batch {args.batch_size}, context {args.context}, {args.new_tokens} new tokens, {device}:")
-    for name, fn in (("KV cache", cached), ("no cache (recompute)", recompute)):
-        fn()  # warm-up
+    def timed(fn):
         sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
-        dt = time.perf_counter() - t0
-        print(f"  {name:<22} {args.batch_size * args.new_tokens / dt:10,.1f} tokens/s  ({1000 * dt / args.new_tokens:.2f} ms/token)")
+        return time.perf_counter() - t0
+
+    def recompute(model, n):  # no cache: every new token runs the model over the whole sequence so far
+        idx = prompt
+        for _ in range(n):
+            logits, _ = model(idx)
+            idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
+
+    best = [[float("inf"), float("inf")] for _ in models]
+    for _ in range(args.repeats):
+        for i, model in enumerate(models):
+            model.generate(prompt, 2, temperature=0)  # warm-up
+            best[i][0] = min(best[i][0], timed(lambda: model.generate(prompt, args.new_tokens, temperature=0)))
+            if args.no_cache_tokens:
+                best[i][1] = min(best[i][1], timed(lambda: recompute(model, args.no_cache_tokens)))
+    print(f"{args.model} decode on {device}, batch {args.batch_size}, prompt {args.context} tokens, "
+          f"{args.new_tokens} new tokens with the cache ({args.no_cache_tokens} without), best of {args.repeats}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  {'variant':<22} {'params':>11} {'cache B/token':>13} {'tok/s cached':>13} {'tok/s no cache':>15}")
+    for variant, model, (cached, uncached) in zip(variants, models, best):
+        make_cache = getattr(model, "make_cache", None)  # models that expose their cache report its real size
+        per_token = f"{make_cache(1, 1).bytes_per_token:,}" if make_cache else "-"
+        no_cache = f"{args.batch_size * args.no_cache_tokens / uncached:,.1f}" if args.no_cache_tokens else "-"
+        print(f"  {(variant[0][2:] if variant else 'default'):<22} {sum(p.numel() for p in model.parameters()):>11,} "
+              f"{per_token:>13} {args.batch_size * args.new_tokens / cached:>13,.1f} {no_cache:>15}")
 
 
 def median_ms(log):
@@ -191,6 +212,10 @@ def main():
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--context", type=int, default=64, help="prompt length")
     p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--no_cache_tokens", type=int, default=16, help="tokens decoded without the cache (0: skip)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sweep", default="", help="KEY=V1,V2,...: one model per value of a model key")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=bench_decode)
     p = sub.add_parser("cpu-anchor", help="gaia vs the pinned nanoGPT on the CPU, same shapes")
@@ -200,6 +225,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.set_defaults(fn=bench_cpu_anchor)
     args, extra = parser.parse_known_args()
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     if int(os.environ.get("RANK", 0)) == 0:
         print("command: python bench.py " + " ".join(sys.argv[1:]))
     args.fn(args, extra)
