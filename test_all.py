@@ -257,7 +257,8 @@ def test_short_run_loss_falls(model, tmp_path):
 @pytest.mark.parametrize("model", MODELS)
 def test_resume_is_bit_identical(model, tmp_path):
     """A run stopped at iter 6 and resumed to 12 logs exactly the losses of an unbroken 12-iter run."""
-    common = [f"--model={model}", "--lr_decay_iters=12", "--eval_interval=3", "--dropout=0.1"]
+    has_dropout = "dropout" in {f.name for f in train.fields(train.load_model_module(model).Config)}
+    common = [f"--model={model}", "--lr_decay_iters=12", "--eval_interval=3"] + (["--dropout=0.1"] if has_dropout else [])
     whole = run_train(*common, "--max_iters=12", out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"))
     run_train(*common, "--max_iters=6", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
     resumed = run_train("--init_from=resume", "--max_iters=12", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
@@ -674,6 +675,160 @@ def test_llama_rejects_unsupported_checkpoints(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
         with pytest.raises(ValueError, match=message):
             llama.Model.from_pretrained(str(tmp_path))
+
+
+
+# ------------------------------------------------------------------------------------- mamba.py
+# Tests of mamba.py (Mamba-1 and Mamba-2). References: transformers' MambaForCausalLM / Mamba2ForCausalLM holding
+# the same weights, and a step-by-step loop of the recurrence written here.
+import mamba
+
+MAMBA_VOCAB = 97
+
+
+def perturbed_mamba(hf_model):
+    """HF's init leaves norms at 1, D at 1 and conv biases at 0, where a mixed-up weight would go unnoticed."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf_model
+
+
+def test_hf_mamba1(tmp_path):
+    from transformers import MambaConfig, MambaForCausalLM
+    torch.manual_seed(0)
+    hf = MambaForCausalLM(MambaConfig(vocab_size=MAMBA_VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8, use_bias=True,
+                                      pad_token_id=None, bos_token_id=None, eos_token_id=None))
+    model = hf_roundtrip(mamba, perturbed_mamba(hf), tmp_path, MAMBA_VOCAB, seq_len=24)
+    assert model.config.variant == "mamba1" and model.config.dt_rank == 2 and model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("n_groups,num_heads,head_dim", [(1, 4, 16), (2, 8, 8)])
+def test_hf_mamba2(tmp_path, n_groups, num_heads, head_dim):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(vocab_size=MAMBA_VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                        num_heads=num_heads, head_dim=head_dim, n_groups=n_groups, chunk_size=8))
+    model = hf_roundtrip(mamba, perturbed_mamba(hf), tmp_path, MAMBA_VOCAB, seq_len=21)  # 21 = 2 chunks of 8 and a partial one
+    c = model.config
+    assert (c.variant, c.n_groups, c.head_dim, c.chunk_size, c.tie_word_embeddings) == ("mamba2", n_groups, head_dim, 8, False)
+
+
+# ------------------------------------------------------------------------- the recurrence, step by step
+
+def reference_ssm(x, dt, A, B, C, D, h):
+    """h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = C_t h_t + D x_t, one step at a time, heads reading their
+    group's B and C. x (b, T, H, P), dt (b, T, H), A (H, N) or (H, 1), B, C (b, T, G, N), h (b, H, P, N)."""
+    H, G = x.shape[2], B.shape[2]
+    B, C = B.repeat_interleave(H // G, dim=2), C.repeat_interleave(H // G, dim=2)  # (b, T, H, N)
+    ys = []
+    for t in range(x.shape[1]):
+        decay = torch.exp(dt[:, t, :, None] * A)  # (b, H, N) or (b, H, 1)
+        h = decay[:, :, None, :] * h + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]) + D[None, :, None] * x[:, t])
+    return torch.stack(ys, dim=1), h
+
+
+def ssm_inputs(b, T, H, P, G, N, scalar_A):
+    torch.manual_seed(0)
+    x = torch.randn(b, T, H, P, dtype=torch.float64)
+    dt = torch.exp(torch.empty(b, T, H, dtype=torch.float64).uniform_(-7, 3))  # 1e-3 .. 20: from keeping h to wiping it
+    A = -torch.empty(H, 1 if scalar_A else N, dtype=torch.float64).uniform_(0.5, 16)
+    B, C = torch.randn(b, T, G, N, dtype=torch.float64), torch.randn(b, T, G, N, dtype=torch.float64)
+    D, h = torch.randn(H, dtype=torch.float64), torch.randn(b, H, P, N, dtype=torch.float64)
+    return [t.requires_grad_() for t in (x, dt, A, B, C, D, h)]
+
+
+def check_against_reference(fn, inputs):
+    """fn's outputs (y, last h) and the gradients of every input must match the fp64 loop (fn runs in fp32)."""
+    torch.manual_seed(1)
+    outs = [fn(*inputs), reference_ssm(*inputs)]
+    weights = [torch.randn_like(o, dtype=torch.float64) for o in outs[1]]
+    grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), inputs) for out in outs]
+    for got, want in zip(outs[0], outs[1]):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    for name, got, want in zip("x dt A B C D h".split(), *grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("T", [1, 37, 64])
+def test_selective_scan_matches_loop(T):
+    # Mamba-1 shapes: every channel a head of size P = 1 with N decays of its own, one group
+    check_against_reference(mamba.selective_scan, ssm_inputs(2, T, 6, 1, 1, 5, scalar_A=False))
+
+
+@pytest.mark.parametrize("T,chunk_size", [(37, 8), (16, 8), (5, 8), (12, 1)])
+def test_ssd_matches_loop(T, chunk_size):
+    # Mamba-2 shapes: 4 heads of P = 3 in 2 groups, one scalar decay per head
+    check_against_reference(lambda *a: mamba.ssd(*a[:6], chunk_size, a[6]), ssm_inputs(2, T, 4, 3, 2, 5, scalar_A=True))
+
+
+@pytest.mark.parametrize("scalar_A,P,G", [(False, 1, 1), (True, 3, 2)])
+def test_mamba_sequential_definition_matches_loop(scalar_A, P, G):
+    check_against_reference(mamba.ssm_sequential, ssm_inputs(2, 9, 4, P, G, 5, scalar_A))
+
+
+# ------------------------------------------------------------------------- the model
+
+def tiny_mamba(variant, **kw):
+    torch.manual_seed(0)
+    config = mamba.Config(variant=variant, vocab_size=MAMBA_VOCAB, n_layer=2, n_embd=32, d_state=8, head_dim=8, n_groups=2,
+                          chunk_size=8, **kw)
+    return mamba.Model(config).eval()
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
+def test_mamba_cached_decode(variant):
+    check_cached_decode(tiny_mamba(variant), MAMBA_VOCAB, prompt_len=11, new_tokens=32)  # Mamba-2: the prompt is 1.4 chunks
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
+def test_mamba_state_is_fixed_size_and_continues(variant):
+    """Feeding a sequence in two pieces through the cache (the second by the parallel path, from a state) gives the
+    logits of one full forward; the state left behind has the same size after 5 or 40 tokens."""
+    model = tiny_mamba(variant)
+    idx = torch.randint(0, MAMBA_VOCAB, (2, 40))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = mamba.MambaCache(model.config.n_layer)
+        first, _ = model(idx[:, :13], cache=cache)
+        second, _ = model(idx[:, 13:], cache=cache)
+        short = mamba.MambaCache(model.config.n_layer)
+        model(idx[:, :5], cache=short)
+    torch.testing.assert_close(torch.cat((first, second), 1), full, atol=1e-5, rtol=0)
+    sizes = [[t.shape for t in c.conv_state + c.ssm_state] for c in (cache, short)]
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
+def test_mamba_save_load_and_loss(tmp_path, variant):
+    model = tiny_mamba(variant, tie_word_embeddings=variant == "mamba1", bias=True)
+    model.save_pretrained(str(tmp_path))
+    again = mamba.Model.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, MAMBA_VOCAB, (2, 19))
+    targets = idx.roll(-1, 1)
+    targets[:, -1] = -1
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+        logits2, _ = again(idx)
+    torch.testing.assert_close(logits2, logits, atol=0, rtol=0)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, MAMBA_VOCAB), idx[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, want)
+
+
+def test_mamba_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="variant"):
+        mamba.Model(mamba.Config(variant="mamba3"))
+    with pytest.raises(ValueError, match="head_dim"):
+        mamba.Model(mamba.Config(variant="mamba2", n_embd=32, head_dim=24))
+    with pytest.raises(ValueError, match="n_groups"):
+        mamba.Model(mamba.Config(variant="mamba2", n_embd=32, head_dim=16, n_groups=3))
+    with pytest.raises(ValueError, match="idx"):
+        tiny_mamba("mamba1")(torch.zeros(2, 3))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="gpt2"):
+        mamba.Model.from_pretrained(str(tmp_path))
 
 
 if __name__ == "__main__":
