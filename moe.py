@@ -9,13 +9,14 @@ top-k, optionally renormalised: norm_topk_prob), and the experts' outputs are su
 
 Dispatch is dropless (no capacity factor, no token is ever dropped) and vectorised: the N*k
 (token, expert) pairs are sorted by expert so every expert multiplies one contiguous slice of rows,
-once, and the results are gathered back and summed per token. The experts' weights are stacked 3-D
-parameters (n_experts, out, in), so on a GPU the whole slice loop is one torch._grouped_mm call.
+once, and index_add sums each token's k results back into its row. The experts' weights are stacked 3-D
+parameters (n_experts, out, in), so wherever torch._grouped_mm runs (bf16 on recent CUDA GPUs, the CPU in
+recent torch) the whole slice loop is one call; elsewhere it is a Python loop over experts, never tokens.
 
 Two losses keep the router healthy, both added to the returned loss and averaged over layers:
-- load balancing (Switch Transformer, Fedus et al. 2021, eq. 4-6): n_experts * sum_i f_i * P_i,
-  f_i = share of the tokens' top-k choices that went to expert i, times k (as transformers counts it,
-  so the value is k at perfect balance), P_i = mean router probability of expert i; weight aux_loss_coef.
+- load balancing (Switch Transformer, Fedus et al. 2021, eq. 4-6): n_experts * sum_i f_i * P_i, with
+  f_i = fraction of tokens that have expert i among their top k (the f_i sum to k, as transformers counts
+  them, so an even routing scores k) and P_i = mean router probability of expert i; weight aux_loss_coef.
 - router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(router_logits)^2,
   which keeps the router's logits small; weight z_loss_coef.
 For a single layer the balancing loss equals transformers' load_balancing_loss_func. With several
@@ -123,33 +124,49 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.o_proj(y))
 
 
-def experts_loop(x, counts, gate_up_proj, down_proj):
-    """SwiGLU of expert e on rows counts[:e].sum() .. counts[:e+1].sum() of x (rows sorted by expert):
-    one matmul per expert and projection, on its contiguous slice."""
-    sizes = counts.tolist()  # the one host sync of the layer
-    # unbind, not gate_up_proj[e]: its backward stacks the experts' gradients once instead of
-    # writing each into a fresh full-size zero tensor
-    h = torch.cat([xe @ w.t() for xe, w in zip(x.split(sizes), gate_up_proj.unbind(0))])  # (N*k, 2 * I)
-    gate, up = h.chunk(2, dim=-1)
-    h = F.silu(gate) * up  # (N*k, I)
-    return torch.cat([he @ w.t() for he, w in zip(h.split(sizes), down_proj.unbind(0))])  # (N*k, C)
+def expert_matmul(x, w, counts, use_grouped_mm):
+    """Rows sorted by expert, counts[e] of them for expert e, each times its expert's matrix:
+    x (R, in), w (n_experts, out, in) -> (R, out), rows of expert e multiplied by w[e].T."""
+    if use_grouped_mm:  # one call; the kernel reads each expert's slice from the offsets
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    # one matmul per expert on its contiguous slice. unbind, not w[e]: its backward stacks the experts'
+    # gradients once instead of writing each into a fresh full-size zero tensor
+    return torch.cat([xe @ we.t() for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
 
 
-def experts_grouped_mm(x, counts, gate_up_proj, down_proj):
-    """The same computation as experts_loop, each projection one torch._grouped_mm over all experts."""
-    offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
-    h = torch._grouped_mm(x, gate_up_proj.transpose(1, 2), offs=offsets)  # (N*k, 2 * I)
-    gate, up = h.chunk(2, dim=-1)
-    h = F.silu(gate) * up
-    return torch._grouped_mm(h, down_proj.transpose(1, 2), offs=offsets)  # (N*k, C)
+_grouped_mm_verdicts = {}  # (device type, dtype) -> whether torch._grouped_mm ran correctly there
 
 
 def grouped_mm_works(x, config):
-    """torch._grouped_mm has fast kernels for bf16 on CUDA GPUs of compute capability 8.0 and newer (torch
-    >= 2.9), rows 16-byte aligned. On CPU it exists (fp32 too) but runs slower than the slice loop there."""
-    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (8, 0)
-            and config.n_embd % 8 == 0 and config.intermediate_size % 8 == 0)
+    """Whether torch._grouped_mm can run this layer on x's device and dtype. Kernels exist for bf16 on CUDA
+    (compute capability 8.0+ from torch 2.9) and on the CPU (where it beats the slice loop by a few percent);
+    rows must be 16-byte aligned. Rather than trust a version table, one tiny trial call (forward and
+    backward, checked against plain matmuls) decides, once per device type and dtype."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    align = 16 // x.element_size()
+    if config.n_embd % align or config.intermediate_size % align:
+        return False
+    if torch.compiler.is_compiling():  # no trial calls while tracing; inductor lowers grouped_mm for bf16 only
+        return x.is_cuda and x.dtype == torch.bfloat16
+    key = (x.device.type, x.dtype)
+    if key not in _grouped_mm_verdicts:
+        _grouped_mm_verdicts[key] = _try_grouped_mm(x.device, x.dtype)
+    return _grouped_mm_verdicts[key]
+
+
+def _try_grouped_mm(device, dtype):
+    # small integers: every product and sum is exact in bf16 too; no RNG, so training's random stream is untouched
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        a = (torch.arange(6 * 16, device=device) % 5 - 2).to(dtype).view(6, 16).requires_grad_()
+        b = (torch.arange(2 * 16 * 8, device=device) % 3 - 1).to(dtype).view(2, 16, 8).requires_grad_()
+        try:
+            out = torch._grouped_mm(a, b, offs=torch.tensor([2, 6], dtype=torch.int32, device=device))
+            out.backward(torch.ones_like(out))
+        except (RuntimeError, NotImplementedError):
+            return False
+        return (torch.equal(out, torch.cat([a[:2] @ b[0], a[2:] @ b[1]]))
+                and torch.equal(b.grad[0], a[:2].t() @ torch.ones(2, 8, device=device, dtype=dtype)))
 
 
 class MoE(nn.Module):
@@ -158,10 +175,12 @@ class MoE(nn.Module):
         self.config = config
         E, C, I = config.n_experts, config.n_embd, config.intermediate_size
         self.router = nn.Linear(C, E, bias=False)
-        # every expert's SwiGLU, stacked: rows [0, I) of gate_up_proj[e] are W_gate, rows [I, 2I) W_up
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
+        # every expert's SwiGLU, stacked along dim 0 as (n_experts, out, in): expert e maps x to
+        # down_proj[e] @ (silu(gate_proj[e] @ x) * (up_proj[e] @ x)) (Mixtral's w1, w3, w2)
+        self.gate_proj = nn.Parameter(torch.empty(E, I, C))
+        self.up_proj = nn.Parameter(torch.empty(E, I, C))
         self.down_proj = nn.Parameter(torch.empty(E, C, I))
-        self.use_grouped_mm = None  # None: grouped_mm_works() decides per call; True/False forces a path
+        self.use_grouped_mm = None  # None: grouped_mm_works() decides; True/False forces a path (tests, benchmarks)
         self.load = None  # (E,) fraction of the last forward's routed tokens per expert (detached)
 
     def forward(self, x):
@@ -178,26 +197,36 @@ class MoE(nn.Module):
         # sort the N*k (token, expert) pairs by expert: each expert's rows become one contiguous slice
         pair_expert = experts.flatten()  # (N*k,), pair p is token p // k's (p % k)-th choice
         order = pair_expert.argsort(stable=True)  # sorted row r holds pair order[r]
+        token = order // k  # (N*k,) the token of each sorted row
         counts = torch.bincount(pair_expert, minlength=E)  # (E,) rows per expert
-        xs = x.index_select(0, order // k)  # (N*k, C) the tokens, grouped by expert
+        xs = x.index_select(0, token)  # (N*k, C) the tokens, grouped by expert
         if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not autocast-aware: cast by hand
             xs = xs.to(torch.get_autocast_dtype(xs.device.type))
-        use_grouped_mm = grouped_mm_works(xs, self.config) if self.use_grouped_mm is None else self.use_grouped_mm
-        run_experts = experts_grouped_mm if use_grouped_mm else experts_loop
-        ys = run_experts(xs, counts, self.gate_up_proj.to(xs.dtype), self.down_proj.to(xs.dtype))  # (N*k, C)
-        ys = ys * weights.flatten()[order].unsqueeze(1).to(ys.dtype)
-        # back to pair order (the inverse permutation), then each token sums its k experts' outputs:
-        # a deterministic reduction, unlike index_add with atomics on a GPU
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        y = ys.index_select(0, inverse).view(-1, k, C).sum(dim=1)  # (N, C)
+        grouped = grouped_mm_works(xs, self.config) if self.use_grouped_mm is None else self.use_grouped_mm
+        # gate and up as two matmuls, not one fused (2I)-wide one: its chunk's backward would copy a (N*k, 2I)
+        # gradient, where two matmuls' input gradients add up in a (N*k, C) one (CPU: 3-11% faster per layer
+        # with 8 wide experts, even with 64 narrow ones)
+        gate = expert_matmul(xs, self.gate_proj.to(xs.dtype), counts, grouped)  # (N*k, I)
+        up = expert_matmul(xs, self.up_proj.to(xs.dtype), counts, grouped)  # (N*k, I)
+        h = F.silu(gate) * up  # (N*k, I) each expert's SwiGLU
+        # each row is scaled by its routing weight; the down projection is linear, so do it on the narrower side
+        scale = weights.flatten()[order].unsqueeze(1).to(xs.dtype)  # (N*k, 1)
+        narrow_hidden = h.shape[1] < C
+        if narrow_hidden:
+            h = h * scale
+        ys = expert_matmul(h, self.down_proj.to(xs.dtype), counts, grouped)  # (N*k, C)
+        if not narrow_hidden:
+            ys = ys * scale
+        # each token sums its k experts' rows (on a GPU in an atomic, run-to-run varying order for k > 2,
+        # unless torch.use_deterministic_algorithms(True))
+        y = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (N, C)
 
         f = counts.float() / x.shape[0]  # (E,) tokens that chose expert i / tokens; sums to k
         P = probs.mean(dim=0)  # (E,) mean router probability of expert i; sums to 1
         aux_loss = E * (f * P).sum()
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
         self.load = (f / k).detach()
-        return y.view(B, T, C).to(x.dtype), aux_loss, z_loss
+        return y.view(B, T, C), aux_loss, z_loss
 
 
 class Block(nn.Module):
@@ -380,10 +409,12 @@ class Model(nn.Module):
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={hf['hidden_act']!r}: gaia's moe.py has SwiGLU (silu) experts only")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; gaia's moe.py has plain RoPE")
-        if hf.get("sliding_window") is not None and (kind == "mixtral" or hf.get("use_sliding_window")):
-            raise ValueError(f"sliding_window={hf['sliding_window']} is not supported; gaia's moe.py attends to the whole context")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope type {rope_type!r} is not supported; gaia's moe.py has plain RoPE")
+        window = hf.get("sliding_window") if kind == "mixtral" or hf.get("use_sliding_window") else None
+        if window is not None and window < hf["max_position_embeddings"]:
+            raise ValueError(f"sliding_window={window} is not supported; gaia's moe.py attends to the whole context")
         if kind == "qwen3_moe":
             if hf.get("attention_bias"):
                 raise ValueError("attention_bias=True is not supported; gaia's moe.py has bias-free projections")
@@ -395,10 +426,13 @@ class Model(nn.Module):
             n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
             n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
             head_dim=hf.get("head_dim"),
-            n_experts=hf.get("num_local_experts") or hf.get("num_experts"), n_experts_per_tok=hf["num_experts_per_tok"],
+            n_experts=hf.get("num_local_experts") or hf.get("num_experts"),  # Qwen3 configs name it num_experts
+            n_experts_per_tok=hf["num_experts_per_tok"],
             intermediate_size=hf["moe_intermediate_size"] if kind == "qwen3_moe" else hf["intermediate_size"],
             norm_topk_prob=hf.get("norm_topk_prob", False) if kind == "qwen3_moe" else True,
             qk_norm=kind == "qwen3_moe",
+            # Mixtral's router_jitter_noise (multiplicative noise on the router input while training) is not
+            # implemented: it never changes the logits of a loaded model
             aux_loss_coef=hf.get("router_aux_loss_coef", 0.001), dropout=0.0,
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e6 if kind == "mixtral" else 1e4)),
             norm_eps=hf.get("rms_norm_eps", 1e-5 if kind == "mixtral" else 1e-6),
@@ -428,19 +462,19 @@ class Model(nn.Module):
             own[k] = v
         for i in range(config.n_layer):
             p = f"transformer.h.{i}.moe."
-            if (i, None, "gate_up_proj") in experts:  # transformers 5's fused layout
-                own[p + "gate_up_proj"], own[p + "down_proj"] = experts[i, None, "gate_up_proj"], experts[i, None, "down_proj"]
-            elif (i, 0, "gate_proj") in experts:
-                E = config.n_experts
-                own[p + "gate_up_proj"] = torch.stack([torch.cat([experts[i, e, "gate_proj"], experts[i, e, "up_proj"]])
-                                                       for e in range(E)])  # (E, 2I, C)
-                own[p + "down_proj"] = torch.stack([experts[i, e, "down_proj"] for e in range(E)])  # (E, C, I)
+            if (i, None, "gate_up_proj") in experts:  # transformers 5's in-memory layout: (E, 2I, C), gate first
+                own[p + "gate_proj"], own[p + "up_proj"] = experts[i, None, "gate_up_proj"].chunk(2, dim=1)
+                own[p + "down_proj"] = experts[i, None, "down_proj"]
+            elif (i, 0, "gate_proj") in experts:  # one (out, in) matrix per expert: stack them
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    own[p + name] = torch.stack([experts[i, e, name] for e in range(config.n_experts)])
         if config.tie_word_embeddings:
             own.pop("lm_head.weight", None)
         missing, unexpected = model.load_state_dict(own, strict=False)
         missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
-            raise ValueError(f"{path} does not match the {kind} layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(f"{path} does not match the {kind} layout: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
         return model
 
     def save_pretrained(self, path):
@@ -460,16 +494,10 @@ class Model(nn.Module):
         state = {}
         for k, v in self.state_dict().items():
             v = v.detach().cpu()
-            m = re.fullmatch(r"transformer\.h\.(\d+)\.moe\.(gate_up_proj|down_proj)", k)
-            if m:
-                p = f"model.layers.{m[1]}{mlp}experts."
+            m = re.fullmatch(r"transformer\.h\.(\d+)\.moe\.(gate_proj|up_proj|down_proj)", k)
+            if m:  # (E, out, in) -> one (out, in) matrix per expert
                 for e in range(c.n_experts):
-                    if m[2] == "gate_up_proj":
-                        gate, up = v[e].chunk(2, dim=0)
-                        state[f"{p}{e}.{names['gate_proj']}.weight"] = gate
-                        state[f"{p}{e}.{names['up_proj']}.weight"] = up
-                    else:
-                        state[f"{p}{e}.{names['down_proj']}.weight"] = v[e]
+                    state[f"model.layers.{m[1]}{mlp}experts.{e}.{names[m[2]]}.weight"] = v[e]
                 continue
             if k == "lm_head.weight" and c.tie_word_embeddings:
                 continue

@@ -43,9 +43,9 @@ class TrainConfig:
     init_from: str = "scratch"       # scratch | resume (from out_dir) | a local Hugging Face model directory
     vocab_size: int | None = None    # None = the tokenizer's
     block_size: int = 128            # context length of each training sequence
-    batch_size: int = 16             # sequences per micro-step (per process)
+    batch_size: int = 4              # sequences per micro-step (per process)
     gradient_accumulation_steps: int = 1
-    max_iters: int = 400
+    max_iters: int = 300
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 20
@@ -55,7 +55,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0           # 0 = no clipping
     eval_interval: int = 100
-    eval_iters: int = 20
+    eval_iters: int = 10
     log_interval: int = 10
     always_save_checkpoint: bool = True  # False: save only when val loss improves
     device: str = "auto"             # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
@@ -293,7 +293,8 @@ class MetricsLog:
         axes[2].set(title="tokens/s", xlabel="iter")
         for ax, (name, grid) in zip(axes[3:], maps.items()):  # e.g. expert_load: layers x experts
             im = ax.imshow(np.array(grid), aspect="auto", cmap="viridis")
-            ax.set(title=f"{name} (last logged iter)", xlabel="column", ylabel="row")
+            ax.set(title=f"{name} (last logged iter)", xlabel="expert" if "expert" in name else "column",
+                   ylabel="layer" if "expert" in name else "row")
             fig.colorbar(im, ax=ax)
         fig.tight_layout()
         fig.savefig(self.png + ".tmp.png", dpi=80)
