@@ -6,6 +6,8 @@ Benchmarks: numbers come from here, never from timed tests. Each prints the comm
     python bench.py decode --model=llama                     # decode tokens/s with and without a KV cache
     python bench.py decode --model=llama --sweep=n_kv_head=8,2,1 --n_head=8 --n_embd=256   # MHA vs GQA vs MQA
     python bench.py cpu-anchor                               # gaia's train.py vs the pinned nanoGPT, same shapes
+    python bench.py moe | mamba | mla [--help]               # a model's own benchmark (benchmarks/*.py), e.g.
+                                                             # one layer against transformers' with the same weights
     python bench.py ... --help                               # the options of a benchmark
 
 Model keys (--n_layer=12, --n_kv_head=2, ...) are the model's Config fields, checked like train.py's.
@@ -192,7 +194,17 @@ def bench_cpu_anchor(args, extra):
     print(f"gaia / nanoGPT tokens/s: {nano / gaia:.2f}x")
 
 
+MODEL_BENCHMARKS = {"moe": "moe_layer.py", "mamba": "mamba_layer.py", "mla": "mla_cache.py"}
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] in MODEL_BENCHMARKS:  # a model's own benchmark script, with its own options
+        import runpy
+        path = os.path.join(ROOT, "benchmarks", MODEL_BENCHMARKS[sys.argv[1]])
+        print("command: python bench.py " + " ".join(sys.argv[1:]))
+        sys.argv = [path, *sys.argv[2:]]
+        runpy.run_path(path, run_name="__main__")
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("train", help="training tokens/s and MFU on random tokens")

@@ -38,9 +38,9 @@ class Config:
     dropout: float = 0.0
     # multi-head latent attention (DeepSeek-V2 §2.1)
     q_lora_rank: int | None = 96  # d_c': queries go through a low-rank latent c_Q; None (or 0) = full projection
-    kv_lora_rank: int = 64       # d_c: the compressed key-value latent c_KV, what the cache stores
-    qk_nope_head_dim: int = 32   # d_h: per-head query/key part without position
-    qk_rope_head_dim: int = 16   # d_h^R: per-head query part and the shared key part that carry RoPE
+    kv_lora_rank: int = 64        # d_c: the compressed key-value latent c_KV, what the cache stores
+    qk_nope_head_dim: int = 32    # d_h: per-head query/key part without position
+    qk_rope_head_dim: int = 16    # d_h^R: per-head query part and the shared key part that carry RoPE
     v_head_dim: int = 32
     rope_theta: float = 10000.0
     # YaRN context extension (DeepSeek-V3's rope_scaling); rope_factor = 1 is plain RoPE.
@@ -58,7 +58,7 @@ class Config:
     n_shared_experts: int = 1
     n_routed_experts: int = 8
     num_experts_per_tok: int = 2        # K_r: routed experts per token
-    n_group: int = 1                    # experts are split in n_group groups (devices, in DeepSeek-V3) ...
+    n_group: int = 1                    # experts are split in n_group groups (nodes, in DeepSeek-V3) ...
     topk_group: int = 1                 # ... and a token may only pick from its topk_group best groups
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True         # renormalise the chosen affinities to sum to 1
@@ -82,7 +82,7 @@ class Config:
                 raise ValueError(f"topk_group={self.topk_group} must be in 1..n_group={G}")
             if not 1 <= self.num_experts_per_tok <= self.topk_group * E // G:
                 raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..topk_group * "
-                                 f"n_routed_experts / n_group = {self.topk_group * E // G} (the experts a token may see)")
+                                 f"n_routed_experts / n_group = {self.topk_group * E // G}, the experts a token sees")
 
 
 class RMSNorm(nn.Module):
@@ -132,6 +132,13 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def sum_grad_over_shards(x, mesh):
+    """Identity forward; backward sums x's gradient over the tensor-parallel ranks (each rank's heads add
+    their part). For the replicated rope key, which no stock ParallelStyle covers."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    return DTensor.from_local(x, mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+
 def causal_mask(T, end, pos, device):
     """New query i (absolute position pos + i) may see keys 0 .. pos + i; None for a single query."""
     return torch.ones(T, end, dtype=torch.bool, device=device).tril(diagonal=pos) if T > 1 else None
@@ -141,7 +148,7 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = config
-        self.n_head, self.nope_dim, self.rope_dim, self.v_dim = c.n_head, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_lora_rank = c.kv_lora_rank
         H = c.n_head
         # queries: c_Q = RMSNorm(W_DQ h), q_C = W_UQ c_Q, q_R = RoPE(W_QR c_Q); without q_lora_rank, c_Q = h
@@ -176,12 +183,16 @@ class MultiHeadLatentAttention(nn.Module):
         q_r = apply_rope(self.w_qr(c_q).view(B, T, -1, dr), cos, sin)     # (B, T, H, d_h^R)
         c_kv = self.kv_norm(self.w_dkv(x))                                # (B, T, d_c)
         k_r = apply_rope(self.w_kr(x).view(B, T, 1, dr), cos, sin)        # (B, T, 1, d_h^R): shared by the heads
+        if hasattr(self.w_uk.weight, "device_mesh"):  # tensor parallel (tp_plan): this rank holds some heads ...
+            k_r = sum_grad_over_shards(k_r, self.w_uk.weight.device_mesh)  # ... and k_R serves them all
         mask = None
         if isinstance(cache, LatentCache):
             latent, mask = cache.update(layer, torch.cat((c_kv, k_r.squeeze(2)), dim=-1))  # (B, S, d_c + d_h^R)
-            if cache.absorb:
-                return self.resid_dropout(self.absorbed(q_c, q_r, latent, mask))
-            c_kv, k_r = latent[..., :self.kv_lora_rank], latent[:, :, None, self.kv_lora_rank:]  # the whole prefix
+            if cache.absorb and T == 1:  # decoding: memory-bound, attend to the latents themselves
+                return self.resid_dropout(self.absorbed(q_c, q_r, latent))
+            # prefill (or the "expanded" baseline): compute-bound, and expanded heads cost fewer FLOPs per
+            # query-key pair, H * (d_h + d_h^R + d_v) vs H * (2 d_c + d_h^R) absorbed; so expand the whole prefix
+            c_kv, k_r = latent[..., :self.kv_lora_rank], latent[:, :, None, self.kv_lora_rank:]
         # training path: every head's keys and values expanded from the latent
         S = c_kv.shape[1]
         k_c = self.w_uk(c_kv).view(B, S, -1, dn)                          # (B, S, H, d_h)
@@ -195,25 +206,23 @@ class MultiHeadLatentAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)                           # (B, T, H * d_v)
         return self.resid_dropout(self.w_o(y))
 
-    def absorbed(self, q_c, q_r, latent, mask):
-        """Attention straight against the cached latents (DeepSeek-V2 §2.1.2):
+    def absorbed(self, q_c, q_r, latent):
+        """One decoding step's attention straight against the cached latents (DeepSeek-V2 §2.1.2):
         q_C . k_C = q_C . (W_UK c_KV) = (W_UK^T q_C) . c_KV, so W_UK moves to the query side, and
         sum_s p_s W_UV c_KV,s = W_UV (sum_s p_s c_KV,s), so W_UV moves to the output side.
         Per-head keys and values are never formed: every head attends to the same latent (MQA-like)."""
-        B, T, H, _ = q_c.shape
+        B, T, H, _ = q_c.shape                                            # T == 1
         r = self.kv_lora_rank
         W_UK = self.w_uk.weight.view(H, self.nope_dim, r)                 # (H, d_h, d_c)
         W_UV = self.w_uv.weight.view(H, self.v_dim, r)                    # (H, d_v, d_c)
-        q_latent = torch.einsum("bthd,hdr->bhtr", q_c, W_UK)              # (B, H, T, d_c)
-        q = torch.cat((q_latent, q_r.transpose(1, 2)), dim=-1)            # (B, H, T, d_c + d_h^R)
-        kv = latent.unsqueeze(1)                                          # (B, 1, S, d_c + d_h^R)
-        # q_C.k_C + q_R.k_R in one product, since [W_UK^T q_C, q_R] . [c_KV, k_R] is that sum
-        att = (q @ kv.transpose(-2, -1)) * self.softmax_scale             # (B, H, T, S)
-        if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))
+        q_latent = torch.einsum("bhd,hdr->bhr", q_c[:, 0], W_UK)          # (B, H, d_c)
+        q = torch.cat((q_latent, q_r[:, 0]), dim=-1)                      # (B, H, d_c + d_h^R)
+        # q_C.k_C + q_R.k_R in one product, since [W_UK^T q_C, q_R] . [c_KV, k_R] is that sum; the heads
+        # are the rows of one matmul against the shared latents (B, S, d_c + d_h^R), nothing is repeated
+        att = (q @ latent.transpose(1, 2)) * self.softmax_scale           # (B, H, S): the new token sees all
         att = att.float().softmax(dim=-1).to(q.dtype)
-        y_latent = att @ kv[..., :r]                                      # (B, H, T, d_c): weighted sum of c_KV
-        y = torch.einsum("bhtr,hvr->bthv", y_latent, W_UV)                # (B, T, H, d_v)
+        y_latent = att @ latent[..., :r]                                  # (B, H, d_c): weighted sum of c_KV
+        y = torch.einsum("bhr,hvr->bhv", y_latent, W_UV)                  # (B, H, d_v)
         return self.w_o(y.reshape(B, T, -1))
 
 
@@ -528,7 +537,7 @@ class Model(nn.Module):
 
     @staticmethod
     def _rope_permutation(dim):
-        """DeepSeek pairs rope dims (0,1), (2,3), ...; this file pairs (i, i + dim/2): rows [0, 2, 4, ..., 1, 3, ...]."""
+        """DeepSeek pairs rope dims (0,1), (2,3), ...; this file pairs (i, i + dim/2): rows [0, 2, ..., 1, 3, ...]."""
         return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
 
     @classmethod
@@ -611,11 +620,13 @@ class Model(nn.Module):
                 continue
             own[f + "gate.weight"] = take("mlp.gate.weight")
             own[f + "gate.e_score_correction_bias"] = take("mlp.gate.e_score_correction_bias")
-            if config.n_shared_experts:
-                for name in ("gate_proj", "up_proj", "down_proj"):
-                    own[f"{f}shared_experts.{name}.weight"] = take(f"mlp.shared_experts.{name}.weight")
+            for name in ("gate_proj", "up_proj", "down_proj"):  # with n_shared_experts=0 transformers stores empty ones
+                w = take(f"mlp.shared_experts.{name}.weight")
+                if config.n_shared_experts:
+                    own[f"{f}shared_experts.{name}.weight"] = w
             if p + "mlp.experts.gate_up_proj" in state:  # transformers 5 fused layout: (E, 2I, C) and (E, C, I)
-                own[f + "experts.gate_proj"], own[f + "experts.up_proj"] = take("mlp.experts.gate_up_proj").chunk(2, dim=1)
+                gate, up = take("mlp.experts.gate_up_proj").chunk(2, dim=1)
+                own[f + "experts.gate_proj"], own[f + "experts.up_proj"] = gate, up
                 own[f + "experts.down_proj"] = take("mlp.experts.down_proj")
             else:  # DeepSeek's per-expert layout, what transformers' save_pretrained writes
                 for name in ("gate_proj", "up_proj", "down_proj"):
@@ -646,17 +657,18 @@ class Model(nn.Module):
             a = q + "attn."
             state[p + "input_layernorm.weight"] = sd[q + "attn_norm.weight"]
             state[p + "post_attention_layernorm.weight"] = sd[q + "ffn_norm.weight"]
-            w_q = torch.cat((sd[a + "w_uq.weight"].view(H, dn, -1), sd[a + "w_qr.weight"].view(H, dr, -1)[:, inv]), dim=1)
+            w_q = torch.cat((sd[a + "w_uq.weight"].view(H, dn, -1), sd[a + "w_qr.weight"].view(H, dr, -1)[:, inv]), 1)
             if c.q_lora_rank:
                 state[p + "self_attn.q_a_proj.weight"] = sd[a + "w_dq.weight"]
                 state[p + "self_attn.q_a_layernorm.weight"] = sd[a + "q_norm.weight"]
                 state[p + "self_attn.q_b_proj.weight"] = w_q.reshape(H * (dn + dr), -1)
             else:
                 state[p + "self_attn.q_proj.weight"] = w_q.reshape(H * (dn + dr), -1)
-            state[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat((sd[a + "w_dkv.weight"], sd[a + "w_kr.weight"][inv]))
+            w_kv_a = torch.cat((sd[a + "w_dkv.weight"], sd[a + "w_kr.weight"][inv]))
+            state[p + "self_attn.kv_a_proj_with_mqa.weight"] = w_kv_a
             state[p + "self_attn.kv_a_layernorm.weight"] = sd[a + "kv_norm.weight"]
-            state[p + "self_attn.kv_b_proj.weight"] = torch.cat(
-                (sd[a + "w_uk.weight"].view(H, dn, r), sd[a + "w_uv.weight"].view(H, c.v_head_dim, r)), dim=1).reshape(-1, r)
+            w_kv_b = torch.cat((sd[a + "w_uk.weight"].view(H, dn, r), sd[a + "w_uv.weight"].view(H, -1, r)), 1)
+            state[p + "self_attn.kv_b_proj.weight"] = w_kv_b.reshape(-1, r)
             state[p + "self_attn.o_proj.weight"] = sd[a + "w_o.weight"]
             f = q + "ffn."
             if isinstance(block.ffn, MLP):
@@ -665,9 +677,10 @@ class Model(nn.Module):
                 continue
             state[p + "mlp.gate.weight"] = sd[f + "gate.weight"]
             state[p + "mlp.gate.e_score_correction_bias"] = sd[f + "gate.e_score_correction_bias"]
-            if c.n_shared_experts:
-                for name in ("gate_proj", "up_proj", "down_proj"):
-                    state[f"{p}mlp.shared_experts.{name}.weight"] = sd[f"{f}shared_experts.{name}.weight"]
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                w = sd.get(f"{f}shared_experts.{name}.weight")  # none: transformers still wants (empty) tensors
+                state[f"{p}mlp.shared_experts.{name}.weight"] = w if w is not None else torch.zeros(
+                    (0, c.n_embd) if name != "down_proj" else (c.n_embd, 0))
             for name in ("gate_proj", "up_proj", "down_proj"):  # per expert, as transformers' save_pretrained writes
                 for e, w in enumerate(sd[f"{f}experts.{name}"]):
                     state[f"{p}mlp.experts.{e}.{name}.weight"] = w
