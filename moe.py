@@ -24,7 +24,7 @@ layers transformers pools f and P over all layers before the product; gaia avera
 losses instead, so every layer is balanced on its own (one layer's imbalance cannot hide another's).
 
 Loads and saves the Hugging Face MixtralForCausalLM (qk_norm=False) and Qwen3MoeForCausalLM
-(qk_norm=True) layouts. The model contract every gaia model follows is in CONTRACT.md.
+(qk_norm=True) layouts. The model contract every gaia model follows is in README.md.
 """
 import json
 import math
