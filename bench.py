@@ -116,6 +116,7 @@ def bench_train(args, extra):
         report(f"{layout.world} processes (dp={layout.dp}, tp={layout.tp}, fsdp={layout.fsdp}), per rank", dt, layout.tp)
         print(f"scaling efficiency: {solo / (dt * layout.tp):.2f} (per-rank tokens/s over the solo run's; "
               f"total {tokens * layout.dp / dt:,.0f} tokens/s)")
+    dist.barrier()
     dist.destroy_process_group()
 
 

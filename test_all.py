@@ -460,6 +460,7 @@ idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 logits, loss = model(idx, idx)
 if layout.master:
     torch.save({{"logits": logits.detach(), "loss": loss.detach()}}, {out!r})
+dist.barrier()  # no rank tears gloo down while another still uses it
 dist.destroy_process_group()
 """
 
@@ -1314,6 +1315,7 @@ def _mla_tp_worker(rank, world, init_file, results):
     sharded = sum(hasattr(p, "device_mesh") for p in model.parameters())
     if rank == 0:
         results.put((errors, sharded))
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -580,6 +580,7 @@ def train(argv):
     elif cfg.sample_tokens > 0 and layout.sharded:
         say(f"sample with: python sample.py --out_dir={cfg.out_dir}")
     if layout.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 may still be sampling: no rank tears gloo/NCCL down under another
         torch.distributed.destroy_process_group()
     return raw_model
 
