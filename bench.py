@@ -49,7 +49,7 @@ def time_training(model, params, args, device, dtype):
     """Median seconds per training iteration (forward, backward, clip, AdamW) on fixed random tokens."""
     optimizer = train.make_optimizer(model, train.TrainConfig(learning_rate=1e-4), fused=not args.fsdp and args.tp == 1)
     step_model = torch.compile(model) if args.compile else model
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    device_type = train.device_type(device)
     autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
     vocab = params.vocab_size
     x = torch.randint(0, vocab, (args.batch_size, args.block_size), device=device)
@@ -83,7 +83,7 @@ def bench_train(args, extra):
     torch.manual_seed(0)
     model = build(args, extra)
     distributed.validate(model, layout)
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    device_type = train.device_type(device)
     distributed.init(layout, device_type)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -15,7 +15,8 @@ import torch
 import configurator
 from configurator import ConfigError
 from data import DataError, get_tokenizer
-from train import TrainingError, load_checkpoint, load_model_module, model_from_checkpoint, pick_device, pick_dtype
+from train import (TrainingError, device_type, load_checkpoint, load_model_module, model_from_checkpoint,
+                   pick_device, pick_dtype)
 
 
 @dataclass
@@ -70,8 +71,7 @@ def main(argv):
     if prompt.startswith("FILE:"):
         with open(prompt[5:], encoding="utf-8") as f:
             prompt = f.read()
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else None
+    autocast = torch.autocast(device_type(device), dtype=getattr(torch, dtype)) if dtype != "float32" else None
     for _ in range(cfg.num_samples):
         print(generate_text(model, tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                             device, autocast))

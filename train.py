@@ -175,6 +175,11 @@ def pick_device(device):
     return "cpu"
 
 
+def device_type(device):
+    """'cuda:1' -> 'cuda', 'cpu' -> 'cpu': what autocast, GradScaler and DeviceMesh take."""
+    return device.split(":")[0]
+
+
 def pick_dtype(dtype, device):
     if dtype == "auto":
         if device.startswith("cuda"):
@@ -422,7 +427,7 @@ def train(argv):
         device = f"cuda:{layout.local_rank}"
         torch.cuda.set_device(device)
     dtype = pick_dtype(cfg.dtype, device)
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    dev_type = device_type(device)
     say = print if layout.master else (lambda *a, **k: None)
     if ckpt is not None and ckpt.get("sharded") is None and layout.sharded:
         raise TrainingError(f"{cfg.out_dir}/ckpt.pt is an unsharded checkpoint; resume it without --tp/--fsdp "
@@ -432,7 +437,7 @@ def train(argv):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    if device_type == "cuda":
+    if dev_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -441,12 +446,12 @@ def train(argv):
     train_tokens, val_tokens = load_splits(cfg.data, tokenizer, cache_dir, cfg.block_size)
     model = build_model(cfg, module, model_cfg, ckpt, explicit, tokenizer.vocab_size)
     distributed.validate(model, layout)  # before any collective: a bad layout fails on every rank, none hangs
-    distributed.init(layout, device_type)
+    distributed.init(layout, dev_type)
     raw_model = model.to(device)
     model = distributed.parallelize(raw_model, layout, device)
     optimizer = make_optimizer(raw_model, cfg, fused=not layout.sharded)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32"
+    scaler = torch.amp.GradScaler(dev_type, enabled=(dtype == "float16"))
+    autocast = (torch.autocast(dev_type, dtype=getattr(torch, dtype)) if dtype != "float32"
                 else contextlib.nullcontext())
     train_batches = Batches(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, device, layout.dp_rank, layout.dp)
     iter_num, best_val = 0, float("inf")
@@ -516,7 +521,7 @@ def train(argv):
         if iter_num % cfg.eval_interval == 0 and not (resumed and iter_num == started):  # evaluated before it stopped
             evaluate()
             t0 = time.perf_counter()  # eval time is not training time
-        if cfg.profile and device_type == "cuda" and iter_num in (profile_start, profile_start + 5):
+        if cfg.profile and dev_type == "cuda" and iter_num in (profile_start, profile_start + 5):
             (torch.cuda.cudart().cudaProfilerStart if iter_num == profile_start else torch.cuda.cudart().cudaProfilerStop)()
         lr = lr_at(iter_num, cfg)
         for group in optimizer.param_groups:
