@@ -240,6 +240,27 @@ def test_gpt2_flops_per_token_formula():
     assert m.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
 
 
+def test_gpt2_cpu_gelu_is_the_tanh_formula():
+    import math
+    def reference(x):  # GPT-2's gelu_new, as written in the paper's code
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gpt2.GELUTanhCPU.apply, (x,))  # backward against finite differences
+    torch.testing.assert_close(gpt2.GELUTanhCPU.apply(x), reference(x), rtol=0, atol=1e-14)
+    # float32, the path training takes, over the whole range: values and gradients against the formula's autograd
+    x = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, 30, -30, 1e4, -1e4, 1e30, -1e30])])
+    x.requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    y = gpt2.gelu_tanh(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    x64 = x.detach().double().requires_grad_()
+    y64 = reference(x64)
+    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    assert y.grad_fn.name() == "GELUTanhCPUBackward"
+    torch.testing.assert_close(y.double(), y64.nan_to_num(), rtol=1e-6, atol=1e-6)  # 1e30^3 overflows the formula
+    torch.testing.assert_close(dx.double(), dx64.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------- training, for every model
 
 @pytest.mark.parametrize("model", MODELS)
