@@ -59,6 +59,10 @@ class Config:
     dropout: float = 0.0
 
 
+# Config fields that weight the training loss, not the weights: fine-tuning a Hugging Face checkpoint may set them
+LOSS_WEIGHTS = ("aux_loss_coef", "z_loss_coef")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()

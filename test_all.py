@@ -296,6 +296,13 @@ def test_fine_tune_from_a_hugging_face_directory(tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "hf")
     rows = run_train(f"--init_from={tmp_path / 'hf'}", "--max_iters=3", "--eval_interval=3", out_dir=str(tmp_path / "o"))
     assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3]
+    # dropout is how to train, not what the weights are: it may change, and reaches the modules
+    model = train.train([*TINY_RUN, f"--init_from={tmp_path / 'hf'}", "--dropout=0.25", "--max_iters=0",
+                         f"--out_dir={tmp_path / 'o1'}", f"--cache_dir={tmp_path / 'o1'}"])
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.25} and model.transformer.h[0].attn.dropout == 0.25
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight.T, hf.transformer.h[0].mlp.c_fc.weight)
     with pytest.raises(configurator.ConfigError, match="has n_layer=2, not 5"):
         run_train(f"--init_from={tmp_path / 'hf'}", "--n_layer=5", "--max_iters=1", out_dir=str(tmp_path / "o2"))
     with pytest.raises(configurator.ConfigError, match="longer than the model's maximum context 64"):
@@ -912,6 +919,21 @@ def test_moe_matches_hf_qwen3_moe(tmp_path, norm_topk_prob):
     c = model.config
     assert (c.qk_norm, c.norm_topk_prob, c.head_dim) == (True, norm_topk_prob, 24)
     assert (c.n_experts, c.n_experts_per_tok) == (8, 3)
+
+
+def test_moe_fine_tune_sets_loss_weights_not_shapes(tmp_path):
+    """The router loss weights say how to train, so fine-tuning a transformers checkpoint may set them;
+    a shape (n_experts) must match the checkpoint."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    MixtralForCausalLM(MixtralConfig(vocab_size=256, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     max_position_embeddings=64)).save_pretrained(tmp_path / "hf")
+    args = [*TINY_RUN, f"--model=moe", f"--init_from={tmp_path / 'hf'}", "--max_iters=0", f"--out_dir={tmp_path / 'o'}",
+            f"--cache_dir={tmp_path / 'c'}", "--block_size=16"]
+    model = train.train(args + ["--aux_loss_coef=0.05", "--z_loss_coef=0.0"])
+    assert (model.config.aux_loss_coef, model.config.z_loss_coef) == (0.05, 0.0)
+    with pytest.raises(configurator.ConfigError, match="has n_experts=4, not 8"):
+        train.train(args + ["--n_experts=8"])
 
 
 def test_moe_loads_fused_expert_layout(tmp_path):

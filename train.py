@@ -18,7 +18,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -397,16 +397,23 @@ def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
             raise ConfigError(f"init_from={cfg.init_from!r} is neither scratch, resume, nor a Hugging Face model "
                               f"directory with a config.json")
         model = module.Model.from_pretrained(cfg.init_from)
-        for k in explicit & {f.name for f in fields(model.config)} - {"block_size", "vocab_size", "dropout"}:
-            if getattr(model.config, k) != getattr(model_cfg, k):
+        settable = {"dropout", *getattr(module, "LOSS_WEIGHTS", ())}  # how to train, not what the weights are
+        changes = {}
+        for k in explicit & {f.name for f in fields(model.config)} - {"block_size", "vocab_size"}:
+            if k in settable:
+                changes[k] = getattr(model_cfg, k)
+            elif getattr(model.config, k) != getattr(model_cfg, k):
                 raise ConfigError(f"{cfg.init_from} has {k}={getattr(model.config, k)!r}, not {getattr(model_cfg, k)!r}; "
                                   f"drop --{k} when fine-tuning a pretrained model")
-        if hasattr(model.config, "dropout") and "dropout" in explicit:
-            model.config.dropout = model_cfg.dropout
+        if changes:  # the modules were built from the config (nn.Dropout keeps its p): rebuild, then take the weights
+            pretrained = model
+            model = module.Model(replace(pretrained.config, **changes))
+            model.load_state_dict(pretrained.state_dict())
     mc = model.config
     if getattr(mc, "vocab_size", vocab_size) < vocab_size:
         raise ConfigError(f"the model's vocab_size={mc.vocab_size} is smaller than the {cfg.tokenizer} tokenizer's "
-                          f"{vocab_size}; use --tokenizer=byte or a model with a larger vocabulary")
+                          f"{vocab_size}; use a model with a larger vocabulary"
+                          + (" or --tokenizer=byte (256)" if cfg.tokenizer != "byte" and mc.vocab_size >= 256 else ""))
     if getattr(mc, "block_size", cfg.block_size) < cfg.block_size:
         raise ConfigError(f"block_size={cfg.block_size} is longer than the model's maximum context {mc.block_size}; "
                           f"lower --block_size")
