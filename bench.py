@@ -6,7 +6,7 @@ Benchmarks: numbers come from here, never from timed tests. Each prints the comm
     python bench.py decode --model=llama                     # decode tokens/s with and without a KV cache
     python bench.py decode --model=llama --sweep=n_kv_head=8,2,1 --n_head=8 --n_embd=256   # MHA vs GQA vs MQA
     python bench.py cpu-anchor                               # gaia's train.py vs the pinned nanoGPT, same shapes
-    python bench.py moe | mamba | mla [--help]               # a model's own benchmark (benchmarks/*.py), e.g.
+    python bench.py moe | mamba | mla | gelu [--help]        # a model's own benchmark (benchmarks/*.py), e.g.
                                                              # one layer against transformers' with the same weights
     python bench.py ... --help                               # the options of a benchmark
 
@@ -203,7 +203,7 @@ def bench_cpu_anchor(args, extra):
     print(f"gaia / nanoGPT tokens/s: {nano / gaia:.2f}x (ratio of medians), {paired:.2f}x (median of per-round ratios)")
 
 
-MODEL_BENCHMARKS = {"moe": "moe_layer.py", "mamba": "mamba_layer.py", "mla": "mla_cache.py"}
+MODEL_BENCHMARKS = {"moe": "moe_layer.py", "mamba": "mamba_layer.py", "mla": "mla_cache.py", "gelu": "gelu_cpu.py"}
 
 
 def main():

@@ -403,13 +403,14 @@ def test_bench_runs_for_a_model(capsys):
     sys_argv = sys.argv
     try:
         for argv in (["bench.py", "train", "--batch_size=2", "--block_size=16", "--iters=1", "--warmup=0", "--vocab_size=64"],
-                     ["bench.py", "decode", "--context=4", "--new_tokens=3", "--no_cache_tokens=2", "--repeats=1", "--vocab_size=64"]):
+                     ["bench.py", "decode", "--context=4", "--new_tokens=3", "--no_cache_tokens=2", "--repeats=1", "--vocab_size=64"],
+                     ["bench.py", "gelu", "--shape=4,8", "--repeats=1"]):
             sys.argv = argv
             bench.main()
     finally:
         sys.argv = sys_argv
     out = capsys.readouterr().out
-    assert "tokens/s" in out and "tok/s cached" in out and "tok/s no cache" in out
+    assert "tokens/s" in out and "tok/s cached" in out and "tok/s no cache" in out and "gaia tanh  forward" in out
 
 
 def test_profile_writes_a_trace_on_cpu(tmp_path):
