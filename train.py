@@ -201,8 +201,8 @@ def keep_freed_memory():
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
     trim = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of freed heap instead of returning it
-    # blocks above the mmap threshold bypass the heap; older glibc caps the threshold at 32 MiB
-    heap = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    # blocks above the mmap threshold bypass the heap (and fault in afresh each time); 32 MiB is glibc's cap
+    heap = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
     return bool(trim and heap)
 
 
