@@ -266,15 +266,32 @@ class Model(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
     def tp_plan(self):
-        """Tensor-parallel plan for torch.distributed.tensor.parallel.parallelize_module (Megatron-LM's split):
-        q, k, v and the SwiGLU gate/up split by output rows (whole heads, whole hidden units per rank), o and down
-        split by input columns and all-reduced. Needs n_head and n_kv_head divisible by the TP degree (not MQA),
-        and intermediate size too; embeddings, norms and the head stay replicated."""
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-        plan = {f"layers.*.self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
-        plan.update({"layers.*.self_attn.o_proj": RowwiseParallel(),
+        """Tensor parallel (Megatron-LM) with sequence parallel (Korthikanti et al. 2022), as torchtitan runs
+        Llama. Inside attention and the MLP, q, k, v and the SwiGLU gate/up are split by output rows (whole heads,
+        whole hidden units per rank), o and down by input columns. Between them the residual stream and the
+        RMSNorms are split along the sequence, so each rank stores 1/tp of those activations: an all-gather
+        before each attention/MLP, a reduce-scatter after. Needs n_head, n_kv_head (not MQA) and
+        intermediate_size divisible by the TP degree; the embedding and the head stay replicated."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                       RowwiseParallel, SequenceParallel)
+
+        def gather(n_args):  # the first argument arrives split along the sequence; the module needs all of it
+            return PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n_args - 1),
+                                      desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1),
+                                      use_local_output=True)
+
+        plan = {"embed_tokens": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+                "layers.*.input_layernorm": SequenceParallel(use_local_output=True),
+                "layers.*.self_attn": gather(5),  # (x, cos, sin, cache, layer)
+                "layers.*.post_attention_layernorm": SequenceParallel(use_local_output=True),
+                "layers.*.mlp": gather(1),
+                "norm": SequenceParallel(use_local_output=True),
+                "lm_head": gather(1)}
+        plan.update({f"layers.*.self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")})
+        plan.update({"layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
                      "layers.*.mlp.gate_proj": ColwiseParallel(), "layers.*.mlp.up_proj": ColwiseParallel(),
-                     "layers.*.mlp.down_proj": RowwiseParallel()})
+                     "layers.*.mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))})
         return plan
 
     # ---------------------------------------------------------------- generation with a KV cache

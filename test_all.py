@@ -541,6 +541,15 @@ def test_tensor_parallel_training_follows_the_same_curve(single_process_run, tmp
     assert_same_curve(curve(tmp_path), curve(single_process_run))
 
 
+def test_llama_sequence_parallel_training_follows_the_same_curve(tmp_path):
+    """llama's plan splits the residual stream and RMSNorms along the sequence: gradients must still match."""
+    args = [*DIST_RUN[len(TINY_RUN):], "--model=llama", "--batch_size=8", "--max_iters=4", "--n_kv_head=2"]
+    run_train(*args, out_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "c"))
+    code, out = torchrun(*TINY_RUN, *args, "--tp=2", f"--out_dir={tmp_path / 'tp'}", f"--cache_dir={tmp_path / 'c'}")
+    assert code == 0, out
+    assert_same_curve(curve(tmp_path / "tp"), curve(tmp_path / "one"))
+
+
 def test_fsdp_curve_sharded_resume_and_resume_on_one_process(single_process_run, tmp_path):
     args = [*DIST_RUN, "--batch_size=4", "--fsdp=True", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}"]
     code, out = torchrun(*args, "--max_iters=3")
@@ -691,13 +700,19 @@ def test_llama_tp_plan_names_real_modules():
     model = llama.Model(llama.Config(n_layer=2))
     names = dict(model.named_modules())
     plan = model.tp_plan()
-    styles = {path.split(".")[-1]: type(style).__name__ for path, style in plan.items()}
+    linear = {path: style for path, style in plan.items() if path.endswith("_proj")}
+    styles = {path.split(".")[-1]: type(style).__name__ for path, style in linear.items()}
     assert styles == dict(q_proj="ColwiseParallel", k_proj="ColwiseParallel", v_proj="ColwiseParallel",
                           o_proj="RowwiseParallel", gate_proj="ColwiseParallel", up_proj="ColwiseParallel",
                           down_proj="RowwiseParallel")
     for path in plan:
         matched = [n for n in names if fnmatch.fnmatch(n, path)]
-        assert len(matched) == 2 and all(isinstance(names[n], torch.nn.Linear) for n in matched), path
+        assert matched, path
+        if path in linear:
+            assert len(matched) == 2 and all(isinstance(names[n], torch.nn.Linear) for n in matched), path
+    # sequence parallel: every RMSNorm works on a slice of the sequence
+    for name in (n for n, m in names.items() if isinstance(m, llama.RMSNorm)):
+        assert any(fnmatch.fnmatch(name, p) and type(s).__name__ == "SequenceParallel" for p, s in plan.items()), name
 
 
 def test_llama_bad_input():
