@@ -246,7 +246,7 @@ class Model(nn.Module):
             if cache.pos == max_len:
                 # the context is full: positions are learned, so the window slides and the prefix is recomputed
                 cache.pos = 0
-                logits, _ = self(idx[:, -(c.block_size - 1):] if c.block_size > 1 else idx[:, -1:], cache=cache)
+                logits, _ = self(idx[:, -c.block_size:], cache=cache)  # nanoGPT's crop: the last block_size tokens
             else:
                 logits, _ = self(next_token, cache=cache)
         return (idx, torch.stack(steps, dim=1)) if return_logits else idx

@@ -204,17 +204,23 @@ def test_gpt2_kv_cache_decode_matches_full_forward():
     check_cached_decode(model, vocab_size=67, prompt_len=5, new_tokens=40)
 
 
-def test_gpt2_generation_past_block_size_slides_the_window():
-    """Past block_size, each token must be predicted from the last block_size tokens (nanoGPT's crop)."""
+@pytest.mark.parametrize("model", [m for m in MODELS if "block_size" in {f.name for f in
+                                                                        train.fields(train.load_model_module(m).Config)}])
+def test_generation_past_block_size_slides_the_window(model):
+    """Past block_size, every token is predicted from the last block_size tokens (nanoGPT's crop): the logits
+    of each step equal a full forward over that cropped window."""
+    module = train.load_model_module(model)
     torch.manual_seed(0)
-    model = gpt2.Model(gpt2.Config(vocab_size=31, block_size=8, n_layer=2, n_head=2, n_embd=16)).eval()
-    prompt = torch.randint(0, 31, (1, 3))
-    out = model.generate(prompt, 20, temperature=0)
-    idx = prompt
+    m = module.Model(module.Config(vocab_size=31, block_size=8)).eval()
+    prompt = torch.randint(0, 31, (2, 3))
+    out, step_logits = m.generate(prompt, 12, temperature=0, return_logits=True)
+    idx, reference = prompt, []
     with torch.no_grad():
-        for _ in range(20):  # the slow reference: a full forward over the cropped context for every token
-            logits, _ = model(idx[:, -8:])
+        for _ in range(12):  # the slow reference: a full forward over the cropped context for every token
+            logits, _ = m(idx[:, -8:])
+            reference.append(logits[:, -1])
             idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
+    torch.testing.assert_close(step_logits, torch.stack(reference, dim=1), atol=1e-5, rtol=0)
     assert torch.equal(out, idx)
 
 
