@@ -36,7 +36,9 @@ def build(args, extra):
     values, _ = configurator.resolve(files, overrides, configurator.key_table(module.Config))
     config = module.Config(**values)
     if hasattr(config, "block_size") and "block_size" not in overrides:
-        config.block_size = max(config.block_size, getattr(args, "block_size", 0), getattr(args, "context", 0))
+        # room for the prompt and every new token: past block_size, generation re-encodes its window each step
+        decode_len = getattr(args, "context", 0) + getattr(args, "new_tokens", 0) + 1
+        config.block_size = max(config.block_size, getattr(args, "block_size", 0), decode_len)
     return module.Model(config)
 
 
