@@ -20,12 +20,23 @@ sys.path.insert(0, ROOT)
 
 # ------------------------------------------------------------------------------------- shared helpers
 
+def randomize_constant_params(model):
+    """transformers initialises every norm gain to 1 and every bias to 0: a swapped norm, or q and v biases
+    loaded in the wrong order, would then change nothing. Give each such tensor random values."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(torch.rand(p.shape, generator=generator, dtype=p.dtype) * 0.6 - 0.3)
+    return model
+
+
 def hf_roundtrip(module, hf_model, tmp_path, vocab_size, seq_len=24, atol=1e-4):
-    """The reference model (random init, transformers) saved with save_pretrained must load into gaia's
-    `module.Model` with logits within atol in fp32; gaia's save_pretrained must load back into
-    transformers with the same logits. Returns gaia's model."""
+    """The reference model (random init, transformers, constant tensors randomized) saved with save_pretrained
+    must load into gaia's `module.Model` with logits within atol in fp32; gaia's save_pretrained must load
+    back into transformers with the same logits. Returns gaia's model."""
     torch.manual_seed(0)
-    hf_model = hf_model.float().eval()
+    hf_model = randomize_constant_params(hf_model.float().eval())
     hf_dir, back_dir = tmp_path / "hf", tmp_path / "gaia"
     hf_model.save_pretrained(hf_dir)
     model = module.Model.from_pretrained(str(hf_dir)).float().eval()
@@ -979,7 +990,7 @@ def test_moe_fine_tune_sets_loss_weights_not_shapes(tmp_path):
 def test_moe_loads_fused_expert_layout(tmp_path):
     """A checkpoint holding transformers 5's in-memory layout (experts fused in 3-D tensors) loads too."""
     from safetensors.torch import save_file
-    hf = hf_mixtral(4, 2, 2).eval()
+    hf = randomize_constant_params(hf_mixtral(4, 2, 2).eval())
     hf.save_pretrained(tmp_path)
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}  # model.layers.i.mlp.experts.gate_up_proj ...
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
