@@ -235,16 +235,49 @@ def test_generation_past_block_size_slides_the_window(model):
     assert torch.equal(out, idx)
 
 
-def test_sampling_filters():
+def nucleus_reference(probs, temperature=1.0, top_k=None, top_p=None):
+    """The distribution sample() must draw from, written out slowly: probs ** (1 / T) renormalised, then
+    the top_k most likely kept, then the most likely kept until the mass before the next one passes top_p."""
+    p = [x ** (1 / temperature) for x in probs]
+    p = [x / sum(p) for x in p]
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    keep = set(order[:top_k] if top_k else order)
+    if top_p is not None:
+        mass, nucleus = 0.0, set()
+        for i in (i for i in order if i in keep):
+            if mass > top_p:
+                break
+            nucleus.add(i)
+            mass += p[i] / sum(p[j] for j in keep)
+        keep = nucleus
+    return [p[i] / sum(p[j] for j in keep) if i in keep else 0.0 for i in range(len(p))]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.5, None, None), (1.0, 2, None),
+                                                       (1.0, None, 0.7), (2.0, 3, 0.7)])
+def test_sampling_draws_from_the_filtered_distribution(model, temperature, top_k, top_p):
+    sample = train.load_model_module(model).sample
+    probs = [0.05, 0.5, 0.15, 0.3]  # not sorted: an index mix-up in the top-p un-sort shows
+    logits = torch.log(torch.tensor([probs])).expand(40000, 4)  # one row per draw
     torch.manual_seed(0)
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draws = torch.cat([gpt2.sample(logits, top_k=2) for _ in range(300)]).flatten()
-    assert set(draws.tolist()) == {0, 1}
-    draws = torch.cat([gpt2.sample(logits, top_p=0.7) for _ in range(300)]).flatten()
-    assert set(draws.tolist()) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is {0, 1}
-    draws = torch.cat([gpt2.sample(logits, top_p=0.85) for _ in range(300)]).flatten()
-    assert set(draws.tolist()) == {0, 1, 2}
-    assert gpt2.sample(logits, temperature=0).item() == 0
+    draws = sample(logits, temperature, top_k, top_p).flatten()
+    frequency = torch.bincount(draws, minlength=4).double() / len(draws)
+    expected = torch.tensor(nucleus_reference(probs, temperature, top_k, top_p), dtype=torch.float64)
+    torch.testing.assert_close(frequency, expected, atol=0.012, rtol=0)  # 5 standard errors of 40,000 draws
+    assert torch.equal(sample(logits[:2], temperature=0), torch.tensor([[1], [1]]))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_generate_passes_its_filters_to_sampling(model):
+    """top_k=1 at temperature 1 can only pick the most likely token: generate must equal greedy decoding."""
+    module = train.load_model_module(model)
+    torch.manual_seed(0)
+    m = module.Model(module.Config(vocab_size=64)).eval()
+    prompt = torch.randint(0, 64, (2, 4))
+    greedy = m.generate(prompt, 6, temperature=0)
+    assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_p=1e-6), greedy)
 
 
 def test_gpt2_flops_per_token_formula():
@@ -306,6 +339,19 @@ def test_resume_is_bit_identical(model, tmp_path):
     assert len(losses(whole)) == 12
     assert losses(resumed) == losses(whole)
     assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
+
+
+def test_resume_remembers_the_best_val_loss(tmp_path):
+    """With always_save_checkpoint=False only a better val loss replaces ckpt.pt, and "better" must count
+    the evals from before the resume: a checkpoint that claims an unbeatable val loss is never replaced."""
+    run_train("--max_iters=4", "--eval_interval=2", out_dir=str(tmp_path))
+    path = tmp_path / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["best_val_loss"] = 0.0
+    torch.save(ckpt, path)
+    rows = run_train("--init_from=resume", "--max_iters=8", "--always_save_checkpoint=False", out_dir=str(tmp_path))
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4, 6, 8]
+    assert torch.load(path, weights_only=True)["iter_num"] == 4
 
 
 def test_fine_tune_from_a_hugging_face_directory(tmp_path):
