@@ -355,17 +355,41 @@ class Model(nn.Module):
         return 6 * self.num_params(active=True) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     def tp_plan(self):
-        """Tensor parallel over attention heads: q, k, v split by output (heads), o_proj by input, so each
-        rank runs its heads and o_proj's all-reduce sums them (n_kv_head must divide by the TP degree).
-        The router and experts stay replicated: every rank runs the whole MoE on every token (correct,
-        not sharded; expert parallelism would be the way to split them). With qk_norm the q_norm/k_norm
-        gains are replicated too and see only local heads, so their gradients need a sum over the TP group."""
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-        plan = {}
+        """Tensor parallel over attention heads with sequence parallel (Korthikanti et al. 2022): q, k, v split
+        by output (heads), o_proj by input (n_kv_head must divide by the TP degree). Between attention and the
+        MoE the residual stream and the RMSNorms are split along the sequence (1/tp of those activations per
+        rank): an all-gather before attention and before the MoE, a reduce-scatter after attention. The router
+        and experts stay replicated: every rank runs the whole MoE on every token of the gathered sequence
+        (correct, not sharded; expert parallelism would be the way to split them) and keeps its own slice of
+        the output. With qk_norm, the q_norm/k_norm gains are shared by all heads while each rank holds some
+        heads, so their gradients are summed over the TP group (see below)."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                       RowwiseParallel, SequenceParallel)
+
+        def gather(n_args):  # the first argument arrives split along the sequence; the module needs all of it
+            return PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n_args - 1),
+                                      desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1),
+                                      use_local_output=True)
+
+        plan = {"transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+                "transformer.ln_f": SequenceParallel(use_local_output=True),
+                "lm_head": gather(1)}
         for i in range(self.config.n_layer):
-            p = f"transformer.h.{i}.attn."
-            plan.update({p + "q_proj": ColwiseParallel(), p + "k_proj": ColwiseParallel(),
-                         p + "v_proj": ColwiseParallel(), p + "o_proj": RowwiseParallel()})
+            p = f"transformer.h.{i}."
+            plan.update({p + "ln_1": SequenceParallel(use_local_output=True),
+                         p + "attn": gather(5),  # (x, cos, sin, cache, layer)
+                         p + "attn.q_proj": ColwiseParallel(), p + "attn.k_proj": ColwiseParallel(),
+                         p + "attn.v_proj": ColwiseParallel(), p + "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+                         p + "ln_2": SequenceParallel(use_local_output=True),
+                         p + "moe": gather(1),
+                         # the MoE's output is whole on every rank: keep this rank's slice of the sequence
+                         p + "moe_dropout": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                                               use_local_output=True)})
+            if self.config.qk_norm:  # one gain for every head, each rank holding some heads (dim 2 of (B, T, heads,
+                # head_dim)): as DTensors split on that dim, the gain's gradient is summed over the TP group
+                plan.update({p + "attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+                             p + "attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True)})
         return plan
 
     # ---------------------------------------------------------------- generation with a KV cache

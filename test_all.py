@@ -606,9 +606,11 @@ def test_tensor_parallel_training_follows_the_same_curve(single_process_run, tmp
     assert_same_curve(curve(tmp_path), curve(single_process_run))
 
 
-def test_llama_sequence_parallel_training_follows_the_same_curve(tmp_path):
-    """llama's plan splits the residual stream and RMSNorms along the sequence: gradients must still match."""
-    args = [*DIST_RUN[len(TINY_RUN):], "--model=llama", "--batch_size=8", "--max_iters=4", "--n_kv_head=2"]
+@pytest.mark.parametrize("model, extra", [("llama", []), ("moe", ["--qk_norm=True"])])
+def test_sequence_parallel_training_follows_the_same_curve(model, extra, tmp_path):
+    """These plans split the residual stream and the norms along the sequence (and moe's qk_norm gains see
+    only a rank's heads): gradients must still match one process."""
+    args = [*DIST_RUN[len(TINY_RUN):], f"--model={model}", "--batch_size=8", "--max_iters=4", "--n_kv_head=2", *extra]
     run_train(*args, out_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "c"))
     code, out = torchrun(*TINY_RUN, *args, "--tp=2", f"--out_dir={tmp_path / 'tp'}", f"--cache_dir={tmp_path / 'c'}")
     assert code == 0, out
@@ -1231,13 +1233,18 @@ def test_moe_aux_loss_lowers_expert_imbalance():
     assert loss_off < 3.0  # both learned the batch (ln 96 = 4.56 at the start)
 
 
-def test_moe_tp_plan_names_attention_projections():
+def test_moe_tp_plan_names_real_modules():
     model = moe.Model(tiny_moe_config(n_layer=2))
     plan = model.tp_plan()
-    assert len(plan) == 8
-    for path, style in plan.items():
-        assert isinstance(model.get_submodule(path), torch.nn.Linear)
-        assert type(style).__name__ == ("RowwiseParallel" if path.endswith("o_proj") else "ColwiseParallel")
+    for path in plan:
+        model.get_submodule(path)  # raises for a name that is not a module
+    linear = {p: type(s).__name__ for p, s in plan.items() if isinstance(model.get_submodule(p), torch.nn.Linear)
+              and p != "lm_head"}
+    assert len(linear) == 8  # q, k, v, o of 2 layers; the router and experts stay replicated
+    assert all(s == ("RowwiseParallel" if p.endswith("o_proj") else "ColwiseParallel") for p, s in linear.items())
+    # sequence parallel: every RMSNorm works on a slice of the sequence
+    norms = [n for n, m in model.named_modules() if isinstance(m, moe.RMSNorm) and "attn" not in n]
+    assert norms and all(type(plan.get(n)).__name__ == "SequenceParallel" for n in norms)
 
 
 
