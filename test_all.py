@@ -606,11 +606,12 @@ def test_tensor_parallel_training_follows_the_same_curve(single_process_run, tmp
     assert_same_curve(curve(tmp_path), curve(single_process_run))
 
 
-@pytest.mark.parametrize("model, extra", [("llama", []), ("moe", ["--qk_norm=True"])])
-def test_sequence_parallel_training_follows_the_same_curve(model, extra, tmp_path):
-    """These plans split the residual stream and the norms along the sequence (and moe's qk_norm gains see
-    only a rank's heads): gradients must still match one process."""
-    args = [*DIST_RUN[len(TINY_RUN):], f"--model={model}", "--batch_size=8", "--max_iters=4", "--n_kv_head=2", *extra]
+@pytest.mark.parametrize("model, extra", [("llama", ["--n_kv_head=2"]), ("moe", ["--n_kv_head=2", "--qk_norm=True"]),
+                                          ("mla", [])])
+def test_tensor_parallel_training_of_each_model_follows_one_process(model, extra, tmp_path):
+    """llama's and moe's plans split the residual stream and the norms along the sequence, moe's qk_norm gains
+    see only a rank's heads, mla's latents are replicated: the gradients must still match one process."""
+    args = [*DIST_RUN[len(TINY_RUN):], f"--model={model}", "--batch_size=8", "--max_iters=4", *extra]
     run_train(*args, out_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "c"))
     code, out = torchrun(*TINY_RUN, *args, "--tp=2", f"--out_dir={tmp_path / 'tp'}", f"--cache_dir={tmp_path / 'c'}")
     assert code == 0, out
