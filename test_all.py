@@ -31,14 +31,19 @@ def randomize_constant_params(model):
     return model
 
 
-def hf_roundtrip(module, hf_model, tmp_path, vocab_size, seq_len=24, atol=1e-4):
+def hf_roundtrip(module, hf_model, tmp_path, vocab_size, seq_len=24, atol=1e-4, max_shard_size=None):
     """The reference model (random init, transformers, constant tensors randomized) saved with save_pretrained
     must load into gaia's `module.Model` with logits within atol in fp32; gaia's save_pretrained must load
-    back into transformers with the same logits. Returns gaia's model."""
+    back into transformers with the same logits. max_shard_size (e.g. "20KB") saves the reference as
+    several safetensors files with a model.safetensors.index.json, as large checkpoints ship. Returns gaia's model."""
     torch.manual_seed(0)
     hf_model = randomize_constant_params(hf_model.float().eval())
     hf_dir, back_dir = tmp_path / "hf", tmp_path / "gaia"
-    hf_model.save_pretrained(hf_dir)
+    if max_shard_size is None:
+        hf_model.save_pretrained(hf_dir)
+    else:
+        hf_model.save_pretrained(hf_dir, max_shard_size=max_shard_size)
+        assert (hf_dir / "model.safetensors.index.json").exists() and not (hf_dir / "model.safetensors").exists()
     model = module.Model.from_pretrained(str(hf_dir)).float().eval()
     idx = torch.randint(0, vocab_size, (2, seq_len))
     with torch.no_grad():
