@@ -5,7 +5,7 @@ Benchmarks: numbers come from here, never from timed tests. Each prints the comm
     torchrun --standalone --nproc_per_node=2 bench.py train  # tokens/s per rank and scaling efficiency
     python bench.py decode --model=llama                     # decode tokens/s with and without a KV cache
     python bench.py decode --model=llama --sweep=n_kv_head=8,2,1 --n_head=8 --n_embd=256   # MHA vs GQA vs MQA
-    python bench.py cpu-anchor                               # gaia's train.py vs the pinned nanoGPT, same shapes
+    python bench.py cpu-anchor --anchor=PATH/nanogpt_cpu_bench.sh --data=tinyshakespeare.txt   # vs nanoGPT, same shapes
     python bench.py moe | mamba | mla | gelu [--help]        # a model's own benchmark (benchmarks/*.py), e.g.
                                                              # one layer against transformers' with the same weights
     python bench.py ... --help                               # the options of a benchmark
@@ -188,6 +188,10 @@ def bench_cpu_anchor(args, extra):
               "--gradient_accumulation_steps=1", "--warmup_iters=10", "--learning_rate=1e-3", "--min_lr=1e-4",
               "--grad_clip=1.0", "--eval_interval=100000", "--eval_iters=1", "--log_interval=1", "--sample_tokens=0",
               f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}", f"--data={args.data}"]
+    for key in ("anchor", "data"):
+        if not os.path.isfile(getattr(args, key)):
+            sys.exit(f"error: --{key}={getattr(args, key)} is not a file; pass the path of "
+                     + ("nanogpt_cpu_bench.sh (the pinned nanoGPT speed script)" if key == "anchor" else "a text file"))
     results = {"nanoGPT": [], "gaia": []}
     for _ in range(args.rounds):
         out = subprocess.run(["bash", args.anchor, args.data, str(args.iters)], capture_output=True, text=True, check=True).stdout
@@ -242,8 +246,8 @@ def main():
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=bench_decode)
     p = sub.add_parser("cpu-anchor", help="gaia vs the pinned nanoGPT on the CPU, same shapes")
-    p.add_argument("--anchor", default=os.path.join(ROOT, "..", "shared", "anchors", "nanogpt_cpu_bench.sh"))
-    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
+    p.add_argument("--anchor", required=True, help="path of nanogpt_cpu_bench.sh, the pinned nanoGPT's speed script")
+    p.add_argument("--data", required=True, help="a text file both train on, e.g. tinyshakespeare.txt")
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--rounds", type=int, default=3)
     p.set_defaults(fn=bench_cpu_anchor)

@@ -99,6 +99,17 @@ def example(tp):
     return {bool: "True", int: "8", float: "3e-4", str: "text"}.get(allowed[0] if allowed else str, "VALUE")
 
 
+def check_ranges(config, rules):
+    """Range checks for a config dataclass, run from its __post_init__: rules is {key: (ok, "what it must be")}.
+    The first failing key raises one line naming it, its value, the rule, and the default as a value that works."""
+    defaults = {f.name: f.default for f in fields(config)}
+    for key, (ok, need) in rules.items():
+        if not ok:
+            example = defaults.get(key, MISSING)
+            fix = f"; e.g. --{key}={example}" if example not in (MISSING, None, "") else ""
+            raise ConfigError(f"{key}={getattr(config, key)!r} {need}{fix}")
+
+
 def unknown_key_error(key, table, where):
     close = difflib.get_close_matches(key, table, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else "; run with --help to list the keys"

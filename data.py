@@ -6,6 +6,7 @@ run on the same data starts at once. With no data given, gaia trains on Python's
 """
 import glob
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -55,12 +56,62 @@ class GPT2Tokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
+class HFTokenizer:
+    """A local Hugging Face tokenizer (the `tokenizers` package): a tokenizer.json, or a model directory holding
+    one, so a Llama or SmolLM directory is fine-tuned and sampled with the tokenizer it was trained with."""
+
+    END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")  # common end-of-document names
+
+    def __init__(self, path):
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise DataError(f"tokenizer={path!r} is a folder without a tokenizer.json; point --tokenizer at a "
+                            f"tokenizer.json, or use gpt2 or byte")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise DataError("--tokenizer=PATH needs the tokenizers package: pip install tokenizers") from None
+        try:
+            self.tok = Tokenizer.from_file(file)
+        except Exception as e:  # the Rust library raises its own exception type on a bad file
+            raise DataError(f"{file} is not a Hugging Face tokenizer.json ({e}); point --tokenizer at one") from None
+        with open(file, "rb") as f:
+            self.name = "hf-" + hashlib.sha256(f.read()).hexdigest()[:12]  # the token cache is keyed by the file's content
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        eos = None
+        config = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                eos = json.load(f).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+        ids = [self.tok.token_to_id(t) for t in ([eos] if eos else []) + list(self.END_TOKENS)]
+        self.eot = next((i for i in ids if i is not None), None)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
 def get_tokenizer(name):
+    """gpt2 (tiktoken BPE), byte (UTF-8 bytes), or a path: a tokenizer.json or a Hugging Face directory holding one."""
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "byte":
         return ByteTokenizer()
-    raise DataError(f"unknown tokenizer {name!r}; use --tokenizer=gpt2 or --tokenizer=byte")
+    if os.path.exists(name):
+        return HFTokenizer(name)
+    raise DataError(f"unknown tokenizer {name!r}; use --tokenizer=gpt2, --tokenizer=byte, or the path of a "
+                    f"tokenizer.json (or of a Hugging Face model directory holding one)")
+
+
+def token_dtype(vocab_size):
+    """uint16 holds ids below 65536 (GPT-2's 50257); larger vocabularies (Llama 3's 128256) need uint32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 # ------------------------------------------------------------------------------------------ corpus
@@ -99,17 +150,25 @@ def read_corpus(path):
 
 
 def tokenize_to_cache(docs, tokenizer, cache_dir, chunk_bytes=1 << 20):
-    """Tokenize docs into {cache_dir}/{hash}-{tokenizer}.bin (uint16) once; later calls reuse it.
-    Returns (path, number of tokens)."""
+    """Tokenize docs into {cache_dir}/{hash}-{tokenizer}.bin (uint16, or uint32 for large vocabularies) once; later
+    calls reuse it. Returns (path, number of tokens)."""
     h = hashlib.sha256()
     for name, raw in docs:
         h.update(len(raw).to_bytes(8, "little"))
         h.update(raw)
     key = f"{h.hexdigest()[:20]}-{tokenizer.name}"
     path = os.path.join(cache_dir, key + ".bin")
+    dtype = token_dtype(tokenizer.vocab_size)
     if os.path.exists(path):
-        return path, os.path.getsize(path) // 2
-    os.makedirs(cache_dir, exist_ok=True)
+        return path, os.path.getsize(path) // np.dtype(dtype).itemsize
+    try:
+        return write_token_cache(docs, tokenizer, path, dtype, chunk_bytes)
+    except OSError as e:
+        raise DataError(f"cannot write the token cache {path} ({e.strerror}); point --cache_dir at a writable folder") from None
+
+
+def write_token_cache(docs, tokenizer, path, dtype, chunk_bytes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     total = sum(len(raw) for _, raw in docs)
     from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing ({tokenizer.name})", disable=total < (8 << 20))
@@ -128,11 +187,11 @@ def tokenize_to_cache(docs, tokenizer, cache_dir, chunk_bytes=1 << 20):
             for i in range(0, len(chunks), 16):
                 batch = chunks[i:i + 16]
                 ids = [t for ids in tokenizer.encode_batch(batch) for t in ids]
-                np.asarray(ids, dtype=np.uint16).tofile(out)
+                np.asarray(ids, dtype=dtype).tofile(out)
                 n += len(ids)
                 bar.update(sum(len(c.encode("utf-8")) for c in batch))
             if tokenizer.eot is not None:  # documents are separated by <|endoftext|>, as in GPT-2's training
-                np.asarray([tokenizer.eot], dtype=np.uint16).tofile(out)
+                np.asarray([tokenizer.eot], dtype=dtype).tofile(out)
                 n += 1
     bar.close()
     os.replace(tmp, path)  # atomic: a crash mid-way leaves no half-written cache behind
@@ -164,9 +223,9 @@ class Batches:
 
 
 def load_splits(path, tokenizer, cache_dir, block_size, val_fraction=0.1):
-    """(train tokens, val tokens) as uint16 memmaps, the last val_fraction of the corpus held out."""
+    """(train tokens, val tokens) as memmaps, the last val_fraction of the corpus held out."""
     file, n = tokenize_to_cache(read_corpus(path), tokenizer, cache_dir)
-    tokens = np.memmap(file, dtype=np.uint16, mode="r")
+    tokens = np.memmap(file, dtype=token_dtype(tokenizer.vocab_size), mode="r")
     split = int(n * (1 - val_fraction))
     train, val = tokens[:split], tokens[split:]
     for name, part in (("train", train), ("val", val)):

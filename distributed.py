@@ -53,13 +53,17 @@ def layout_from_env(tp, fsdp):
     """Ranks from torchrun's environment; checks that need no communication come first."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if world == 1 and (tp > 1 or fsdp):
+        flag = f"--tp={tp}" if tp > 1 else "--fsdp=True"
+        raise DistributedError(f"{flag} needs several processes: launch with torchrun, e.g. torchrun --standalone "
+                               f"--nproc_per_node={max(tp, 2)} train.py {flag} ...")
     if tp < 1 or world % tp:
         raise DistributedError(f"--tp={tp} does not divide the {world} processes; use a tp that divides "
                                f"--nproc_per_node x nodes")
     if tp > 1 and world > tp and not fsdp:
         raise DistributedError(f"--tp={tp} with {world} processes leaves {world // tp} data-parallel groups, and DDP "
                                f"cannot wrap tensor-parallel parameters; add --fsdp=True (FSDP x TP) or run {tp} processes")
-    return Layout(rank=rank, world=world, local_rank=local_rank, tp=tp, fsdp=fsdp and world > 1)
+    return Layout(rank=rank, world=world, local_rank=local_rank, tp=tp, fsdp=fsdp)
 
 
 def init(layout, device_type):
@@ -151,6 +155,17 @@ def clip_grad_norm(parameters, max_norm):
     for g in grads:
         g.mul_(coef)
     return total
+
+
+def any_rank(flag, layout):
+    """True on every rank when the flag is set on any (all ranks must take the same branch, e.g. stop together)."""
+    if layout.world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_mean(value, layout):

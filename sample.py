@@ -3,10 +3,9 @@ Sample text from a trained gaia model or a local Hugging Face model directory.
 
     python sample.py --out_dir=out --prompt="Once upon a time"
     python sample.py --out_dir=out --prompt=FILE:prompt.txt --num_samples=3 --max_new_tokens=300
-    python sample.py --init_from=path/to/hf_gpt2 --model=gpt2 --tokenizer=gpt2 --prompt="Hello"
+    python sample.py --init_from=path/to/hf_llama --model=llama --prompt="Hello"   # the directory's own tokenizer
 """
 import contextlib
-import os
 import sys
 from dataclasses import dataclass
 
@@ -15,8 +14,8 @@ import torch
 import configurator
 from configurator import ConfigError
 from data import DataError, get_tokenizer
-from train import (TrainingError, device_type, load_checkpoint, load_model_module, model_from_checkpoint,
-                   pick_device, pick_dtype)
+from train import (TrainingError, device_type, hf_dir_tokenizer, load_checkpoint, load_model_module,
+                   model_from_checkpoint, pick_device, pick_dtype, device_rules, sampling_rules)
 
 
 @dataclass
@@ -24,7 +23,7 @@ class SampleConfig:
     out_dir: str = "out"            # a training run's folder (ckpt.pt inside)
     init_from: str = "resume"       # resume (from out_dir) | a local Hugging Face model directory
     model: str = "gpt2"             # model file, for init_from=HF directory
-    tokenizer: str = ""             # "" = the one the checkpoint was trained with (gpt2 for HF directories)
+    tokenizer: str = ""             # "" = the checkpoint's (for HF directories: their tokenizer.json, else gpt2) | gpt2 | byte | PATH
     prompt: str = "\n"              # text, or FILE:path to read it from a file
     num_samples: int = 1
     max_new_tokens: int = 200
@@ -34,6 +33,14 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
+
+    def __post_init__(self):
+        configurator.check_ranges(self, {
+            "num_samples": (self.num_samples >= 1, "must be >= 1"),
+            "max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
+            **device_rules(self),
+            **sampling_rules(self),
+        })
 
 
 @torch.no_grad()
@@ -47,7 +54,20 @@ def generate_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, 
     return tokenizer.decode(out[0].tolist())
 
 
-def main(argv):
+def load(cfg):
+    """(model, tokenizer name) from a run's checkpoint or a Hugging Face directory."""
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(cfg.out_dir)
+        model = model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]), cfg.out_dir)
+        return model, cfg.tokenizer or ckpt["tokenizer"]
+    try:
+        model = load_model_module(cfg.model).Model.from_pretrained(cfg.init_from)
+    except (ValueError, OSError) as e:  # another architecture, a folder without config.json or weights
+        raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
+    return model, cfg.tokenizer or hf_dir_tokenizer(cfg.init_from) or "gpt2"
+
+
+def run(argv):
     files, overrides = configurator.split_args(argv)
     table = configurator.key_table(SampleConfig)
     if "help" in overrides:
@@ -58,19 +78,20 @@ def main(argv):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(cfg.out_dir)
-        model = model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]), cfg.out_dir)
-        tokenizer_name = cfg.tokenizer or ckpt["tokenizer"]
-    else:
-        model = load_model_module(cfg.model).Model.from_pretrained(cfg.init_from)
-        tokenizer_name = cfg.tokenizer or "gpt2"
-    model.to(device)
+    model, tokenizer_name = load(cfg)
     tokenizer = get_tokenizer(tokenizer_name)
+    vocab = getattr(model.config, "vocab_size", tokenizer.vocab_size)
+    if tokenizer.vocab_size > vocab:  # its ids would index past the model's embedding
+        raise ConfigError(f"the {tokenizer_name} tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                          f"is {vocab}; drop --tokenizer to use the one the model was trained with")
+    model.to(device)
     prompt = cfg.prompt
     if prompt.startswith("FILE:"):
-        with open(prompt[5:], encoding="utf-8") as f:
-            prompt = f.read()
+        try:
+            with open(prompt[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read the prompt file {prompt[5:]!r} ({e.strerror}); check --prompt=FILE:path") from None
     autocast = torch.autocast(device_type(device), dtype=getattr(torch, dtype)) if dtype != "float32" else None
     for _ in range(cfg.num_samples):
         print(generate_text(model, tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
@@ -78,9 +99,14 @@ def main(argv):
         print("---------------")
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """The command line: every mistake the project can name ends in one `error:` line and exit code 1."""
     try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
+        run(sys.argv[1:] if argv is None else argv)
+    except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -81,6 +81,7 @@ import configurator
 import data
 import gpt2
 import train
+from sample import main as sample_main
 
 MODELS = train.model_files()  # every model file gets the generic training tests below
 
@@ -100,10 +101,11 @@ def run_train(*args, out_dir, cache_dir=None):
         return [json.loads(line) for line in f]
 
 
-def run_main(capsys, *args):
-    """train.py's main() in this process, as the command line calls it: returns (exit code, output)."""
+def run_main(capsys, *args, main=train.main):
+    """train.py's (or another script's) main() in this process, as the command line calls it: returns (exit code,
+    output)."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main(list(args))
+        main(list(args))
     out = capsys.readouterr()
     return exit_info.value.code, out.out + out.err
 
@@ -427,12 +429,48 @@ def test_bad_data_gives_one_clear_line(tmp_path, capsys, content, message):
     (["--init_from=resume"], "no checkpoint at"),
     (["--init_from=/nonexistent_dir"], "neither scratch, resume, nor a Hugging Face"),
     (["--vocab_size=100"], "smaller than the byte tokenizer's 256"),
+    (["--device=tpu"], "device='tpu' is not one of auto, cpu, cuda, cuda:N, mps"),
+    (["--learning_rate=-0.001"], "learning_rate=-0.001 must be > 0; e.g. --learning_rate=0.001"),
+    (["--min_lr=-1"], "min_lr=-1.0 must be in \\[0, learning_rate"),
+    (["--beta2=1.5"], "beta2=1.5 must be in \\[0, 1\\)"),
+    (["--grad_clip=-1"], "grad_clip=-1.0 must be >= 0"),
+    (["--temperature=-1"], "temperature=-1.0 must be >= 0"),
+    (["--top_k=0"], "top_k=0 must be >= 1"),
+    (["--top_p=2"], "top_p=2.0 must be in \\(0, 1\\]"),
+    (["--dropout=2"], "dropout=2"),
+    (["--n_head=0"], "n_head=0"),
+    (["--n_embd=1000", "--n_head=3"], "n_embd=1000.*n_head=3"),
+    (["--model=llama", "--n_head=4", "--n_kv_head=3"], "n_kv_head=3"),
+    (["--tp=2"], "--tp=2 needs several processes: launch with torchrun"),
+    (["--fsdp=True"], "--fsdp=True needs several processes: launch with torchrun"),
 ])
 def test_bad_config_gives_one_clear_line(tmp_path, capsys, args, message):
     code, out = run_main(capsys, "--tokenizer=byte", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}", *args)
     assert code == 1 and "Traceback" not in out, out
     import re
     assert re.search("error: .*" + message, out), out
+    assert not os.path.exists(tmp_path / "ckpt.pt")  # nothing ran
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps"])
+def test_a_device_this_machine_lacks_gives_one_clear_line(tmp_path, capsys, device):
+    present = torch.cuda.device_count() > int(device.partition(":")[2] or 0) if device.startswith("cuda") \
+        else torch.backends.mps.is_available()
+    if present:
+        pytest.skip(f"this machine has {device}")
+    code, out = run_main(capsys, "--tokenizer=byte", f"--out_dir={tmp_path}", f"--device={device}")
+    assert code == 1 and "Traceback" not in out and f"error: device={device} but" in out and "--device=cpu" in out, out
+
+
+def test_unwritable_folders_give_one_clear_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    code, out = run_main(capsys, *TINY_RUN, f"--out_dir={tmp_path / 'a_file'}", f"--cache_dir={tmp_path / 'c'}")
+    assert code == 1 and "out_dir=" in out and "is a file, not a folder" in out, out
+    # a folder no one may create (root too): /proc refuses new entries
+    code, out = run_main(capsys, *TINY_RUN, "--out_dir=/proc/gaia_out", f"--cache_dir={tmp_path / 'c'}")
+    assert code == 1 and "error: cannot write to out_dir='/proc/gaia_out'" in out and "writable folder" in out, out
+    code, out = run_main(capsys, *TINY_RUN, f"--out_dir={tmp_path / 'o'}", "--cache_dir=/proc/gaia_cache")
+    assert code == 1 and "error: cannot write the token cache /proc/gaia_cache" in out and "--cache_dir" in out, out
 
 
 def test_resume_refuses_another_model_or_a_contradicting_config(tmp_path, capsys):
@@ -442,6 +480,105 @@ def test_resume_refuses_another_model_or_a_contradicting_config(tmp_path, capsys
     assert code == 1 and f"holds a gpt2 model, not {other}" in out, out
     code, out = run_main(capsys, "--init_from=resume", f"--out_dir={tmp_path}", "--n_layer=3")
     assert code == 1 and "trained with n_layer=2, not 3" in out, out
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not a checkpoint", "other parameter names"])
+def test_a_damaged_checkpoint_gives_one_clear_line_and_is_kept(tmp_path, capsys, damage):
+    run_train("--max_iters=2", "--eval_interval=2", "--n_layer=1", out_dir=str(tmp_path))
+    path = tmp_path / "ckpt.pt"
+    good = path.read_bytes()
+    if damage == "other parameter names":  # as a model file whose modules were renamed would see it
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["model_state"] = {k.replace("transformer.h.", "layers."): v for k, v in ckpt["model_state"].items()}
+        torch.save(ckpt, path)
+    else:
+        path.write_bytes({"empty": b"", "truncated": good[:len(good) // 2], "not a checkpoint": b"hello"}[damage])
+    damaged = path.read_bytes()
+    for main, args in ((train.main, ["--init_from=resume", "--max_iters=4"]), (sample_main, ["--max_new_tokens=2"])):
+        code, out = run_main(capsys, *args, f"--out_dir={tmp_path}", main=main)
+        assert code == 1 and "Traceback" not in out and f"error: {path}" in out, out
+        assert ("does not fit" in out and "another version" in out) if damage == "other parameter names" \
+            else ("cannot read" in out or "cannot be read" in out) and "truncated or not a gaia checkpoint" in out, out
+    assert path.read_bytes() == damaged  # nothing overwritten
+
+
+def test_resume_refuses_another_tokenizer_and_a_finished_run(tmp_path, capsys):
+    run_train("--max_iters=2", "--eval_interval=2", "--n_layer=1", out_dir=str(tmp_path))
+    code, out = run_main(capsys, "--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=4", "--tokenizer=gpt2")
+    assert code == 1 and "trained with tokenizer='byte', not 'gpt2'" in out, out
+    code, out = run_main(capsys, "--init_from=resume", f"--out_dir={tmp_path}")
+    assert code == 1 and "is at iter 2, and max_iters=2: nothing to train. Raise --max_iters" in out, out
+
+
+def test_fine_tuning_another_architecture_gives_one_clear_line(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "hf")
+    for main, args in ((train.main, [*TINY_RUN, f"--out_dir={tmp_path / 'o'}"]), (sample_main, ["--max_new_tokens=2"])):
+        code, out = run_main(capsys, *args, f"--init_from={tmp_path / 'hf'}", "--model=gpt2", main=main)
+        assert code == 1 and "Traceback" not in out and "holds a 'llama' model, not gpt2" in out, out
+
+
+def test_wandb_without_a_login_gives_one_clear_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path))  # no ~/.netrc login
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--max_iters=1", "--wandb_log=True",
+                        f"--out_dir={tmp_path / 'o'}", f"--cache_dir={tmp_path / 'c'}"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1 and "Traceback" not in out and "error: wandb_log=True but wandb could not start" in out, out
+    assert "WANDB_MODE=offline" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top_k=0"], "top_k=0 must be >= 1"), (["--top_k=-5"], "top_k=-5 must be >= 1"),
+    (["--top_p=-0.5"], "top_p=-0.5 must be in \\(0, 1\\]"), (["--top_p=2"], "top_p=2.0 must be in"),
+    (["--temperature=-1"], "temperature=-1.0 must be >= 0"), (["--num_samples=0"], "num_samples=0 must be >= 1"),
+    (["--tokenizer=gpt2"], "the gpt2 tokenizer has 50257 tokens but the model's vocabulary is 256; drop --tokenizer"),
+    (["--prompt=FILE:/nonexistent.txt"], "cannot read the prompt file"),
+])
+def test_sample_bad_input_gives_one_clear_line(tmp_path_factory, capsys, args, message):
+    out_dir = tmp_path_factory.getbasetemp() / "sample_bad_input"
+    if not (out_dir / "ckpt.pt").exists():
+        run_train("--max_iters=1", "--eval_interval=1", "--n_layer=1", out_dir=str(out_dir))
+    if args == ["--tokenizer=gpt2"]:
+        pytest.importorskip("tiktoken")
+        try:
+            data.get_tokenizer("gpt2")
+        except data.DataError:
+            pytest.skip("the GPT-2 BPE files are not available offline here")
+    code, out = run_main(capsys, f"--out_dir={out_dir}", "--max_new_tokens=2", *args, main=sample_main)
+    assert code == 1 and "Traceback" not in out, out
+    import re
+    assert re.search("error: .*" + message, out), out
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(tmp_path):
+    """Ctrl-C finishes the step, saves, says how to resume; the resumed run continues the unbroken run exactly."""
+    import signal
+    common = [sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--n_layer=1", "--dropout=0.1",
+              "--lr_decay_iters=1000", "--eval_interval=1000", f"--cache_dir={tmp_path / 'c'}"]
+    p = subprocess.Popen([*common, "--max_iters=100000", f"--out_dir={tmp_path / 'a'}"], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in p.stdout:  # let it train a few steps, then press Ctrl-C
+        lines.append(line)
+        if line.startswith("iter 5:"):
+            p.send_signal(signal.SIGINT)
+            break
+    out = "".join(lines) + p.communicate(timeout=120)[0]
+    assert p.returncode == 130 and "Traceback" not in out, out
+    stopped = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["iter_num"]
+    assert f"stopped at iter {stopped}; saved {tmp_path / 'a' / 'ckpt.pt'}" in out, out
+    assert f"python train.py --init_from=resume --out_dir={tmp_path / 'a'}" in out
+    run_train("--init_from=resume", f"--max_iters={stopped + 3}", out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"))
+    whole = run_train("--n_layer=1", "--dropout=0.1", "--lr_decay_iters=1000", "--eval_interval=1000",
+                      f"--max_iters={stopped + 3}", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    with open(tmp_path / "a" / "metrics.jsonl") as f:
+        resumed = [json.loads(line) for line in f]
+    losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    assert losses(resumed) == losses(whole) and len(losses(whole)) == stopped + 3
+    assert [r["iter"] for r in resumed if "val_loss" in r] == [0, stopped + 3]
 
 
 def test_nan_loss_stops_with_a_hint_and_keeps_the_checkpoint(tmp_path, capsys):

@@ -16,13 +16,15 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import configurator
 import distributed
@@ -75,9 +77,51 @@ class TrainConfig:
     tp: int = 1                      # tensor-parallel degree (under torchrun); the rest of the processes are data parallel
     fsdp: bool = False               # shard parameters, gradients and optimizer state with FSDP2 (under torchrun)
 
+    def __post_init__(self):
+        configurator.check_ranges(self, {
+            "block_size": (self.block_size >= 1, "must be >= 1"),
+            "batch_size": (self.batch_size >= 1, "must be >= 1"),
+            "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, "must be >= 1"),
+            "vocab_size": (self.vocab_size is None or self.vocab_size >= 1, "must be >= 1 (or None: the tokenizer's)"),
+            "max_iters": (self.max_iters >= 0, "must be >= 0"),
+            "learning_rate": (self.learning_rate > 0, "must be > 0"),
+            "min_lr": (0 <= self.min_lr <= self.learning_rate, f"must be in [0, learning_rate={self.learning_rate:g}]"),
+            "warmup_iters": (self.warmup_iters >= 0, "must be >= 0"),
+            "lr_decay_iters": (self.lr_decay_iters is None or self.lr_decay_iters >= 1, "must be >= 1 (or None: max_iters)"),
+            "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
+            "beta1": (0 <= self.beta1 < 1, "must be in [0, 1)"),
+            "beta2": (0 <= self.beta2 < 1, "must be in [0, 1)"),
+            "grad_clip": (self.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+            "eval_interval": (self.eval_interval >= 1, "must be >= 1"),
+            "eval_iters": (self.eval_iters >= 1, "must be >= 1"),
+            "log_interval": (self.log_interval >= 1, "must be >= 1"),
+            "sample_tokens": (self.sample_tokens >= 0, "must be >= 0 (0 = no sample)"),
+            "tp": (self.tp >= 1, "must be >= 1"),
+            **device_rules(self),
+            **sampling_rules(self),
+        })
+
+
+def device_rules(cfg):
+    """The rules of the device and dtype keys, shared by train.py's and sample.py's configs."""
+    return {"device": (re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None,
+                       "is not one of auto, cpu, cuda, cuda:N, mps"),
+            "dtype": (cfg.dtype in ("auto", "float32", "bfloat16", "float16"), "is not one of auto, float32, bfloat16, float16")}
+
+
+def sampling_rules(cfg):
+    """The rules of the sampling keys, shared by train.py's and sample.py's configs."""
+    return {"temperature": (cfg.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            "top_k": (cfg.top_k is None or cfg.top_k >= 1, "must be >= 1 (or None: no top-k filter)"),
+            "top_p": (cfg.top_p is None or 0 < cfg.top_p <= 1, "must be in (0, 1] (or None: no nucleus filter)")}
+
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (diverged loss, incompatible checkpoint); the message says what to do."""
+
+
+class Stopped(Exception):
+    """The run stopped on Ctrl-C after saving a checkpoint; the message says how to continue."""
 
 
 # ------------------------------------------------------------------------------------- models and checkpoints
@@ -103,7 +147,17 @@ def load_checkpoint(out_dir, map_location="cpu"):
     for name in ("ckpt.pt", "ckpt_meta.pt"):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # truncated, empty, or not written by torch.save: whatever torch raises
+                raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+                                    f"it is truncated or not a gaia checkpoint. Resume from a good copy, or start a "
+                                    f"new run in another --out_dir (this file is left as it is)") from None
+            if not isinstance(ckpt, dict) or "model_name" not in ckpt:
+                raise TrainingError(f"{path} is not a gaia checkpoint (no model_name in it); point --out_dir at a "
+                                    f"gaia run, or load Hugging Face weights with --init_from=DIRECTORY")
+            ckpt["path"] = path
+            return ckpt
     raise TrainingError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}; train first, or point --out_dir "
                         f"at the run to resume")
 
@@ -115,12 +169,25 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def load_weights(model, state, path):
+    """state -> model; a checkpoint whose tensor names or shapes do not fit this model file is refused in one line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        missing, unexpected = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
+        detail = (f"missing {missing[:2]}, unexpected {unexpected[:2]}" if missing or unexpected
+                  else str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e))
+        raise TrainingError(f"{path} does not fit {type(model).__module__}.py's parameters ({detail}): it was written by "
+                            f"another version of the model file. Resume it with the gaia version that wrote it, or start "
+                            f"a new run in another --out_dir") from None
+
+
 def model_from_checkpoint(ckpt, module, out_dir):
-    model = module.Model(module.Config(**ckpt["model_config"]))
+    model = module.Model(build_config(module, ckpt["model_config"]))
     if ckpt.get("sharded"):
         distributed.load_sharded(out_dir, model)
     else:
-        model.load_state_dict(ckpt["model_state"])
+        load_weights(model, ckpt["model_state"], ckpt["path"])
     return model
 
 
@@ -166,13 +233,22 @@ def peak_flops(device, dtype):
 
 
 def pick_device(device):
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """auto -> the best device here; an explicit one must exist, or one line says what this machine has."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    usable = "--device=cpu" + (" or --device=mps" if has_mps else "") + " (or auto)"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA GPU here"
+            raise ConfigError(f"device={device} but {why}; use {usable}")
+        n, index = torch.cuda.device_count(), int(device.partition(":")[2] or 0)
+        if index >= n:
+            raise ConfigError(f"device={device} but this machine has {n} CUDA GPU{'s' * (n != 1)} (cuda:0"
+                              f"{f' .. cuda:{n - 1}' if n > 1 else ''}); pick one of them")
+    if device == "mps" and not has_mps:
+        raise ConfigError(f"device=mps but Apple's Metal (MPS) is not available here; use {usable}")
+    return device
 
 
 def device_type(device):
@@ -185,8 +261,6 @@ def pick_dtype(dtype, device):
         if device.startswith("cuda"):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         return "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
     return dtype
 
 
@@ -263,8 +337,13 @@ class MetricsLog:
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         if cfg.wandb_log:
-            import wandb
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config)
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config)
+            except Exception as e:  # not installed, not logged in, no network: wandb raises many types
+                raise ConfigError(f"wandb_log=True but wandb could not start ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); run `wandb login`, "
+                                  f"or log offline with WANDB_MODE=offline (then `wandb sync`), or drop --wandb_log") from None
         if cfg.tensorboard_log:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -354,22 +433,36 @@ def configure(argv):
     values, explicit = configurator.resolve(files, overrides, {**train_keys, **model_keys})
     if ckpt is not None:  # a resumed run continues the stored one, except for what the user sets now
         stored = {**ckpt["train_config"], **ckpt["model_config"]}
-        for k in explicit & set(ckpt["model_config"]) - {"dropout", "block_size", "vocab_size"}:
+        # what the weights are, and what the token ids mean, cannot change mid-run
+        for k in explicit & (set(ckpt["model_config"]) | {"tokenizer"}) - {"dropout", "block_size", "vocab_size"}:
             if values[k] != stored[k]:
                 raise TrainingError(f"{out_dir}/ckpt.pt was trained with {k}={stored[k]!r}, not {values[k]!r}; "
                                     f"drop --{k} to resume it, or start a new run in another --out_dir")
         layout_keys = {"out_dir", "tp", "fsdp", "device", "compile"}  # how to run, not what: never restored
         values.update({k: v for k, v in stored.items() if k not in explicit and k in values and k not in layout_keys})
         values.update(init_from="resume", out_dir=out_dir)
+    if values["init_from"] not in ("scratch", "resume") and "tokenizer" not in explicit:
+        values["tokenizer"] = hf_dir_tokenizer(values["init_from"]) or values["tokenizer"]
     cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
-    model_cfg = module.Config(**{f.name: values[f.name] for f in fields(module.Config) if f.name in values})
-    for key, bad in (("batch_size", cfg.batch_size < 1), ("block_size", cfg.block_size < 1),
-                     ("gradient_accumulation_steps", cfg.gradient_accumulation_steps < 1),
-                     ("max_iters", cfg.max_iters < 0), ("eval_interval", cfg.eval_interval < 1),
-                     ("log_interval", cfg.log_interval < 1), ("eval_iters", cfg.eval_iters < 1)):
-        if bad:
-            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    if ckpt is not None and ckpt["iter_num"] >= cfg.max_iters:
+        raise TrainingError(f"{ckpt['path']} is at iter {ckpt['iter_num']}, and max_iters={cfg.max_iters}: nothing to "
+                            f"train. Raise --max_iters (e.g. --max_iters={2 * ckpt['iter_num']}) to train further, "
+                            f"or sample it: python sample.py --out_dir={out_dir}")
+    model_cfg = build_config(module, {f.name: values[f.name] for f in fields(module.Config) if f.name in values})
     return cfg, module, model_cfg, ckpt, explicit
+
+
+def hf_dir_tokenizer(path):
+    """A Hugging Face model directory's own tokenizer (its tokenizer.json), or None when it has none."""
+    return path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+
+
+def build_config(module, values):
+    """The model's Config; its __post_init__ checks the ranges and raises ValueError, which becomes a ConfigError."""
+    try:
+        return module.Config(**values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
@@ -378,25 +471,29 @@ def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
         stored = dict(ckpt["model_config"])
         if "dropout" in explicit and "dropout" in stored:
             stored["dropout"] = model_cfg.dropout
-        model = module.Model(module.Config(**stored))
+        model = module.Model(build_config(module, stored))
         if not ckpt.get("sharded"):  # sharded weights are loaded after the model is parallelized
-            model.load_state_dict(ckpt["model_state"])
+            load_weights(model, ckpt["model_state"], ckpt["path"])
     elif cfg.init_from == "scratch":
+        filled = {}
         if hasattr(model_cfg, "vocab_size"):
             if "vocab_size" in explicit and cfg.vocab_size is not None:
                 if cfg.vocab_size < vocab_size:
                     raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the {cfg.tokenizer} tokenizer's "
                                       f"{vocab_size}; drop --vocab_size or raise it")
                 vocab_size = cfg.vocab_size  # e.g. 50304, a multiple of 64, is faster on GPUs
-            model_cfg.vocab_size = vocab_size
+            filled["vocab_size"] = vocab_size
         if hasattr(model_cfg, "block_size"):
-            model_cfg.block_size = cfg.block_size
-        model = module.Model(model_cfg)
+            filled["block_size"] = cfg.block_size
+        model = module.Model(build_config(module, {**asdict(model_cfg), **filled}))  # validated again, filled in
     else:
         if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
             raise ConfigError(f"init_from={cfg.init_from!r} is neither scratch, resume, nor a Hugging Face model "
                               f"directory with a config.json")
-        model = module.Model.from_pretrained(cfg.init_from)
+        try:
+            model = module.Model.from_pretrained(cfg.init_from)
+        except ValueError as e:  # another architecture, an unsupported option: the model file says which
+            raise ConfigError(str(e)) from None
         settable = {"dropout", *getattr(module, "LOSS_WEIGHTS", ())}  # how to train, not what the weights are
         changes = {}
         for k in explicit & {f.name for f in fields(model.config)} - {"block_size", "vocab_size"}:
@@ -421,6 +518,43 @@ def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
 
 
 # ------------------------------------------------------------------------------------- the training loop
+
+def prepare_out_dir(out_dir):
+    """The run's folder must be writable before any training: a bad --out_dir fails now, not at the first checkpoint."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir={out_dir!r} is a file, not a folder; point --out_dir at a folder (made if missing)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir={out_dir!r} ({e.strerror}); point --out_dir at a writable folder") from None
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to finish its step, save a checkpoint and stop; a second Ctrl-C quits
+    at once. Under torchrun every rank must stop at the same step, so the ranks agree on it after each step."""
+
+    def __init__(self, layout):
+        self.layout, self.asked, self.previous = layout, False, {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.asked and self.layout.master:
+            print("\nstopping after this step to save a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        self.asked = True
+
+    def requested(self):
+        return distributed.any_rank(self.asked, self.layout)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
 
 @torch.no_grad()
 def estimate_loss(model, splits, cfg, autocast, device, layout):
@@ -456,7 +590,7 @@ def train(argv):
         raise TrainingError(f"{cfg.out_dir}/ckpt.pt is an unsharded checkpoint; resume it without --tp/--fsdp "
                             f"(one process or DDP), or start a new run")
     if layout.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        prepare_out_dir(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -486,10 +620,11 @@ def train(argv):
         else:
             optimizer.load_state_dict(ckpt["optimizer_state"])
         scaler.load_state_dict(ckpt["scaler_state"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        iter_num, best_val, evaluated = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("evaluated", True)
         train_batches.generator.set_state(ckpt["data_state"])  # redraws the batch the stopped run had fetched
         set_rng_states(ckpt["rng"])
         say(f"resuming {ckpt['model_name']} from {cfg.out_dir} at iter {iter_num}")
+    ckpt_evaluated = ckpt is not None and evaluated  # the resumed run already evaluated its last iteration
     ckpt = None  # free its memory
     if cfg.compile:
         model = torch.compile(model)
@@ -509,10 +644,11 @@ def train(argv):
     model_metrics = getattr(raw_model, "metrics", None)
     splits = {"train": train_tokens, "val": val_tokens}
 
-    def checkpoint(val_loss):
+    def checkpoint(val_loss, evaluated=True):
+        """evaluated: whether iter_num's eval has run, so a resumed run neither repeats nor skips it."""
         meta = dict(model_name=cfg.model, model_config=asdict(raw_model.config), train_config=asdict(cfg),
                     scaler_state=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val, val_loss=val_loss,
-                    rng=rng_states(), data_state=train_batches.position, tokenizer=cfg.tokenizer)
+                    rng=rng_states(), data_state=train_batches.position, tokenizer=cfg.tokenizer, evaluated=evaluated)
         if layout.sharded:
             distributed.save_sharded(cfg.out_dir, raw_model, optimizer, meta, layout)
         elif layout.master:
@@ -541,59 +677,69 @@ def train(argv):
 
     x, y = train_batches.next()
     t0 = time.perf_counter()
-    started, resumed = iter_num, cfg.init_from == "resume"
-    while iter_num < cfg.max_iters:
-        if iter_num % cfg.eval_interval == 0 and not (resumed and iter_num == started):  # evaluated before it stopped
-            evaluate()
-            t0 = time.perf_counter()  # eval time is not training time
-        if cfg.profile and dev_type == "cuda" and iter_num in (profile_start, profile_start + 5):
-            (torch.cuda.cudart().cudaProfilerStart if iter_num == profile_start else torch.cuda.cudart().cudaProfilerStop)()
-        lr = lr_at(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.gradient_accumulation_steps):
-            last = micro == cfg.gradient_accumulation_steps - 1
-            with distributed.no_grad_sync(model, last):
-                with nvtx("forward", device), autocast:
-                    _, loss = model(x, y)
-                    loss = loss / cfg.gradient_accumulation_steps
-                with nvtx("data", device):
-                    x, y = train_batches.next()  # fetch the next batch while the device works on this one
-                with nvtx("backward", device):
-                    scaler.scale(loss).backward()
-        with nvtx("optimizer step", device):
-            scaler.unscale_(optimizer)
-            grad_norm = distributed.clip_grad_norm(list(raw_model.parameters()), cfg.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
-        loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs with the device
-        iter_num += 1
-        t1 = time.perf_counter()
-        dt, t0 = t1 - t0, t1
-        if profiler is not None:
-            profiler.step()
-        if not math.isfinite(loss_value):
-            kept = [os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "ckpt_meta.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
-            raise TrainingError(
-                f"loss is {loss_value} at iter {iter_num}; stopping. "
-                + (f"The last good checkpoint is kept at {kept[0]}. " if kept else "")
-                + f"Try a lower --learning_rate (now {cfg.learning_rate:g})"
-                + (", or --dtype=float32" if dtype != "float32" else "")
-                + (", or a smaller --grad_clip" if cfg.grad_clip == 0 or cfg.grad_clip > 1 else ""))
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            loss_value = distributed.all_mean(loss_value, layout)  # the whole global batch's loss
-            tokens_per_s = tokens_per_iter / dt
-            achieved = flops_per_iter / dt
-            speed = f"mfu {100 * achieved / peak:.2f}%" if peak else f"{achieved / 1e12:.3f} TFLOP/s"
-            say(f"iter {iter_num}: loss {loss_value:.4f}, time {dt * 1000:.2f}ms, {tokens_per_s:,.0f} tok/s, {speed}")
-            row = {"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": tokens_per_s, "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None}
-            if model_metrics is not None:
-                row.update(model_metrics())
-            log.log(row)
+    timed_iters, timed_s = 0, 0.0  # training time since the last log line (evals excluded)
+    started = iter_num
+    stop = StopRequest(layout)
+    try:
+        while iter_num < cfg.max_iters:
+            if iter_num % cfg.eval_interval == 0 and not (iter_num == started and ckpt_evaluated):
+                evaluate()
+                t0 = time.perf_counter()  # eval time is not training time
+            if cfg.profile and dev_type == "cuda" and iter_num in (profile_start, profile_start + 5):
+                (torch.cuda.cudart().cudaProfilerStart if iter_num == profile_start else torch.cuda.cudart().cudaProfilerStop)()
+            lr = lr_at(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(cfg.gradient_accumulation_steps):
+                last = micro == cfg.gradient_accumulation_steps - 1
+                with distributed.no_grad_sync(model, last):
+                    with nvtx("forward", device), autocast:
+                        _, loss = model(x, y)
+                        loss = loss / cfg.gradient_accumulation_steps
+                    with nvtx("data", device):
+                        x, y = train_batches.next()  # fetch the next batch while the device works on this one
+                    with nvtx("backward", device):
+                        scaler.scale(loss).backward()
+            with nvtx("optimizer step", device):
+                scaler.unscale_(optimizer)
+                grad_norm = distributed.clip_grad_norm(list(raw_model.parameters()), cfg.grad_clip or float("inf"))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
+            loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs with the device
+            iter_num += 1
+            t1 = time.perf_counter()
+            timed_iters, timed_s, t0 = timed_iters + 1, timed_s + t1 - t0, t1
+            if profiler is not None:
+                profiler.step()
+            if not math.isfinite(loss_value):
+                kept = [os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "ckpt_meta.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
+                raise TrainingError(
+                    f"loss is {loss_value} at iter {iter_num}; stopping. "
+                    + (f"The last good checkpoint is kept at {kept[0]}. " if kept else "")
+                    + f"Try a lower --learning_rate (now {cfg.learning_rate:g})"
+                    + (", or --dtype=float32" if dtype != "float32" else "")
+                    + (", or a smaller --grad_clip" if cfg.grad_clip == 0 or cfg.grad_clip > 1 else ""))
+            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                loss_value = distributed.all_mean(loss_value, layout)  # the whole global batch's loss
+                dt, timed_iters, timed_s = timed_s / timed_iters, 0, 0.0  # mean over the interval: one slow step moves it little
+                tokens_per_s = tokens_per_iter / dt
+                achieved = flops_per_iter / dt
+                speed = f"mfu {100 * achieved / peak:.2f}%" if peak else f"{achieved / 1e12:.3f} TFLOP/s"
+                say(f"iter {iter_num}: loss {loss_value:.4f}, time {dt * 1000:.2f}ms, {tokens_per_s:,.0f} tok/s, {speed}")
+                row = {"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                       "tokens_per_s": tokens_per_s, "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None}
+                if model_metrics is not None:
+                    row.update(model_metrics())
+                log.log(row)
+            if stop.requested():
+                checkpoint(None, evaluated=False)
+                raise Stopped(f"stopped at iter {iter_num}; saved {os.path.join(cfg.out_dir, 'ckpt_meta.pt' if layout.sharded else 'ckpt.pt')}. "
+                              f"Continue with: python train.py --init_from=resume --out_dir={cfg.out_dir}")
+    finally:
+        stop.restore()  # train() also runs inside tests and notebooks: leave their Ctrl-C alone
     if profiler is not None:
         profiler.stop()
     if iter_num > started or cfg.max_iters == 0:
@@ -616,11 +762,18 @@ def train(argv):
 
 
 def main(argv=None):
+    """The command line: every mistake the project can name ends in one `error:` line and exit code 1."""
     try:
         train(sys.argv[1:] if argv is None else argv)
     except (ConfigError, DataError, TrainingError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)  # the shell's code for a run ended by Ctrl-C
+    except KeyboardInterrupt:
+        print("interrupted at once (second Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

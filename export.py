@@ -1,0 +1,54 @@
+"""
+Export a gaia checkpoint to a Hugging Face directory that transformers loads (config.json + model.safetensors,
+plus the run's tokenizer.json when it was trained with one):
+
+    python export.py --out_dir=out --hf_dir=out/hf
+    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/hf')"
+"""
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import configurator
+from configurator import ConfigError
+from train import TrainingError, load_checkpoint, load_model_module, model_from_checkpoint
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = "out"   # the training run's folder (ckpt.pt inside)
+    hf_dir: str = ""       # where to write the Hugging Face directory; "" = out_dir/hf
+
+
+def run(argv):
+    files, overrides = configurator.split_args(argv)
+    table = configurator.key_table(ExportConfig)
+    if "help" in overrides:
+        configurator.print_help([("export.py keys", table)])
+        return
+    cfg = ExportConfig(**configurator.resolve(files, overrides, table)[0])
+    ckpt = load_checkpoint(cfg.out_dir)
+    model = model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]), cfg.out_dir)
+    hf_dir = cfg.hf_dir or os.path.join(cfg.out_dir, "hf")
+    try:
+        model.save_pretrained(hf_dir)
+    except OSError as e:
+        raise ConfigError(f"cannot write hf_dir={hf_dir!r} ({e.strerror}); point --hf_dir at a writable folder") from None
+    tokenizer = ckpt.get("tokenizer", "")
+    source = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
+    if source.endswith(".json") and os.path.isfile(source):  # a Hugging Face tokenizer travels with the weights
+        shutil.copy(source, os.path.join(hf_dir, "tokenizer.json"))
+    print(f"wrote {ckpt['model_name']} (iter {ckpt['iter_num']}) to {hf_dir}; tokenizer: {tokenizer}")
+
+
+def main(argv=None):
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except (ConfigError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
