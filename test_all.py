@@ -77,6 +77,8 @@ import json
 import math
 import subprocess
 
+import numpy as np
+
 import configurator
 import data
 import gpt2
@@ -104,10 +106,14 @@ def run_train(*args, out_dir, cache_dir=None):
 def run_main(capsys, *args, main=train.main):
     """train.py's (or another script's) main() in this process, as the command line calls it: returns (exit code,
     output)."""
-    with pytest.raises(SystemExit) as exit_info:
+    capsys.readouterr()  # only this call's output
+    try:
         main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
     out = capsys.readouterr()
-    return exit_info.value.code, out.out + out.err
+    return code, out.out + out.err
 
 
 def run_cli(*args, script="train.py", env=None):
@@ -352,6 +358,64 @@ def test_resume_is_bit_identical(model, tmp_path):
     assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
 
 
+def test_training_steps_equal_a_hand_written_loop(tmp_path):
+    """Two iterations of train.py (2 micro-steps each, clipping active, warmup) against the same steps written out
+    here with torch's own AdamW and clip_grad_norm_: a loss not divided by the accumulation steps, clipping never
+    applied, or a wrong learning rate or weight-decay group would move the weights."""
+    args = dict(batch_size=4, block_size=16, accum=2, lr=3e-3, clip=0.05, warmup=1, wd=0.1, seed=7)
+    model = train.train([*TINY_RUN, "--n_layer=1", f"--batch_size={args['batch_size']}", f"--block_size={args['block_size']}",
+                         f"--gradient_accumulation_steps={args['accum']}", f"--learning_rate={args['lr']}",
+                         f"--grad_clip={args['clip']}", f"--warmup_iters={args['warmup']}", "--min_lr=0.0",
+                         f"--weight_decay={args['wd']}", f"--seed={args['seed']}", "--max_iters=2", "--eval_interval=1000",
+                         f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}"])
+    torch.manual_seed(args["seed"])  # the reference: the same init, then the loop by hand
+    ref = gpt2.Model(gpt2.Config(**{**train.asdict(model.config)}))
+    train_tokens, _ = data.load_splits("", data.ByteTokenizer(), str(tmp_path / "c"), args["block_size"])
+    gen = torch.Generator().manual_seed(args["seed"])
+    decay = [p for p in ref.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args["wd"]}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args["lr"], betas=(0.9, 0.95))
+    grad_norms, losses = [], []
+    for it in range(2):
+        lr = args["lr"] * (it + 1) / (args["warmup"] + 1) if it < args["warmup"] else args["lr"] * 0.5 * (1 + math.cos(math.pi * (it - 1) / 1))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for _ in range(args["accum"]):
+            starts = torch.randint(len(train_tokens) - args["block_size"], (args["batch_size"],), generator=gen)
+            w = torch.from_numpy(np.stack([train_tokens[s:s + args["block_size"] + 1] for s in starts.tolist()]).astype(np.int64))
+            logits, _ = ref(w[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
+            (loss / args["accum"]).backward()
+        losses.append(loss.item())  # train.py logs the last micro-step's loss
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), args["clip"]).item())
+        opt.step()
+        opt.zero_grad()
+    assert min(grad_norms) > 5 * args["clip"]  # clipping was active
+    with open(tmp_path / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f if '"loss"' in line]
+    assert [r["loss"] for r in logged] == pytest.approx(losses, abs=1e-5)
+    assert [r["grad_norm"] for r in logged] == pytest.approx(grad_norms, rel=1e-5)  # before clipping
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=0, msg=name)
+
+
+def test_val_loss_is_the_eval_mode_loss_of_the_held_out_tail(tmp_path):
+    """A corpus whose last 10% is exactly one window of block_size + 1 bytes: every val batch is that window, so the
+    logged val loss must equal the loss of the trained model in eval mode (dropout off) on it, computed here."""
+    text = bytes(range(32, 127)) * 4  # 380 bytes, so the val split is the last 38
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(text[:370])  # split at int(0.9 * 370) = 333: val is the last 37 = block_size + 1 bytes
+    rows = run_train(f"--data={corpus}", "--block_size=36", "--n_layer=1", "--dropout=0.5", "--max_iters=3",
+                     "--eval_interval=3", out_dir=str(tmp_path))
+    model = train.model_from_checkpoint(train.load_checkpoint(str(tmp_path)), gpt2, str(tmp_path)).eval()
+    window = torch.tensor(list(text[333:370]))[None]
+    with torch.no_grad():
+        logits, _ = model(window[:, :-1])
+    expected = F.cross_entropy(logits[0], window[0, 1:]).item()
+    assert rows[-1]["iter"] == 3 and rows[-1]["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
 def test_resume_remembers_the_best_val_loss(tmp_path):
     """With always_save_checkpoint=False only a better val loss replaces ckpt.pt, and "better" must count
     the evals from before the resume: a checkpoint that claims an unbeatable val loss is never replaced."""
@@ -381,6 +445,64 @@ def test_fine_tune_from_a_hugging_face_directory(tmp_path):
         run_train(f"--init_from={tmp_path / 'hf'}", "--n_layer=5", "--max_iters=1", out_dir=str(tmp_path / "o2"))
     with pytest.raises(configurator.ConfigError, match="longer than the model's maximum context 64"):
         run_train(f"--init_from={tmp_path / 'hf'}", "--block_size=128", "--max_iters=1", out_dir=str(tmp_path / "o3"))
+
+
+def small_bpe(path, corpus, vocab_size=300):
+    """A byte-level BPE trained here with the `tokenizers` package, saved as a Hugging Face tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+    return tok
+
+
+def test_a_hugging_face_tokenizer_trains_samples_and_exports(tmp_path, capsys):
+    """--tokenizer=PATH: a tokenizer.json tokenizes the corpus (cached ids decode back to the text, documents split by
+    its end token); an HF model directory brings its own tokenizer to train.py and sample.py; export.py writes a
+    directory that transformers loads with the same logits, tokenizer included."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    texts = ["The quick brown fox jumps over the lazy dog. " * 40, "Pack my box with five dozen liquor jugs! " * 40]
+    for i, t in enumerate(texts):
+        (corpus / f"{i}.txt").write_text(t)
+    small_bpe(tmp_path / "tokenizer.json", "".join(texts))
+    tok = data.get_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert tok.vocab_size == 300 and tok.eot == Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id("<|endoftext|>")
+    file, n = data.tokenize_to_cache(data.read_corpus(str(corpus)), tok, str(tmp_path / "c"))
+    ids = np.fromfile(file, dtype=np.uint16)
+    assert len(ids) == n and [int(i) for i in np.where(ids == tok.eot)[0]] == [len(tok.encode(texts[0])), n - 1]
+    assert tok.decode([i for i in ids if i != tok.eot]) == "".join(texts)
+
+    run_train(f"--data={corpus}", f"--tokenizer={tmp_path / 'tokenizer.json'}", "--model=llama", "--max_iters=2",
+              "--eval_interval=2", "--n_layer=1", out_dir=str(tmp_path / "run"))
+    code, out = run_main(capsys, f"--out_dir={tmp_path / 'run'}", "--max_new_tokens=3", "--prompt=The quick", main=sample_main)
+    assert code == 0 and out.startswith("The quick"), out
+
+    hf = tmp_path / "hf"  # a pretrained model directory with its own tokenizer.json
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)).save_pretrained(hf)
+    (hf / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
+    train.train([*TINY_RUN[1:], f"--data={corpus}", f"--init_from={hf}", "--model=llama", "--max_iters=2",  # no --tokenizer
+                 "--eval_interval=2", f"--out_dir={tmp_path / 'ft'}", f"--cache_dir={tmp_path / 'c'}"])
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["tokenizer"] == str(hf)
+    code, out = run_main(capsys, f"--init_from={hf}", "--model=llama", "--max_new_tokens=3", "--prompt=Pack my",
+                         main=sample_main)
+    assert code == 0 and out.startswith("Pack my"), out
+
+    import export
+    export.main([f"--out_dir={tmp_path / 'ft'}", f"--hf_dir={tmp_path / 'exported'}"])
+    assert (tmp_path / "exported" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    ours = train.model_from_checkpoint(train.load_checkpoint(str(tmp_path / "ft")), train.load_model_module("llama"),
+                                       str(tmp_path / "ft")).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------- the command line and bad input
@@ -647,8 +769,14 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     assert sum(faults_of_one_allocation() for _ in range(3)) < 400
 
 
-def test_peak_flops_table_and_lr_schedule():
+def test_peak_flops_table_and_lr_schedule(monkeypatch):
     assert train.peak_flops("cpu", "float32") is None  # never a made-up MFU
+    for name, dtype, peak in (("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+                              ("NVIDIA H200", "float32", 494e12), ("NVIDIA A100-SXM4-80GB", "float16", 312e12),
+                              ("NVIDIA L40S", "bfloat16", 362e12), ("Tesla T4", "bfloat16", None),
+                              ("NVIDIA GeForce GTX 1080", "float32", None)):  # datasheet figures; unknown -> no MFU
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, n=name: n)
+        assert train.peak_flops("cuda:0", dtype) == peak, name
     cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     assert train.lr_at(0, cfg) == pytest.approx(1 / 11) and train.lr_at(9, cfg) == pytest.approx(10 / 11)
     assert train.lr_at(10, cfg) == pytest.approx(1.0)

@@ -226,10 +226,9 @@ def peak_flops(device, dtype):
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
-    for key, table in PEAK_FLOPS.items():  # the order matters: "H100 PCIe" before "H100"
-        if key in name:
-            return table.get(dtype)
-    return None
+    # the longest key the name contains: "NVIDIA L40S" is an L40S, not an L4; "H100 PCIe" is not the SXM H100
+    key = max((k for k in PEAK_FLOPS if k in name), key=len, default=None)
+    return PEAK_FLOPS[key].get(dtype) if key else None
 
 
 def pick_device(device):
