@@ -34,12 +34,11 @@ def build(args, extra):
     module = train.load_model_module(args.model)
     files, overrides = configurator.split_args(extra)
     values, _ = configurator.resolve(files, overrides, configurator.key_table(module.Config))
-    config = module.Config(**values)
-    if hasattr(config, "block_size") and "block_size" not in overrides:
+    if "block_size" in values and "block_size" not in overrides:
         # room for the prompt and every new token: past block_size, generation re-encodes its window each step
         decode_len = getattr(args, "context", 0) + getattr(args, "new_tokens", 0) + 1
-        config.block_size = max(config.block_size, getattr(args, "block_size", 0), decode_len)
-    return module.Model(config)
+        values["block_size"] = max(values["block_size"], getattr(args, "block_size", 0), decode_len)
+    return module.Model(train.build_config(module, values))
 
 
 def sync(device):
@@ -256,7 +255,10 @@ def main():
         torch.set_num_threads(args.threads)
     if int(os.environ.get("RANK", 0)) == 0:
         print("command: python bench.py " + " ".join(sys.argv[1:]))
-    args.fn(args, extra)
+    try:
+        args.fn(args, extra)
+    except configurator.ConfigError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

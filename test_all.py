@@ -516,12 +516,22 @@ def test_cli_run_logs_samples_and_plots(tmp_path):
     assert [int(l[0]) for l in lines] == [1, 2, 3, 4]  # no MFU on a CPU: there is no peak to divide by
     assert "mfu" not in out and "sample:" in out
     assert {"ckpt.pt", "metrics.jsonl", "dashboard.png"} <= set(os.listdir(tmp_path))
+    rows = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r]
+    model = train.model_from_checkpoint(train.load_checkpoint(str(tmp_path)), gpt2, str(tmp_path))
+    for (it, loss, ms, tok_s, tflops), row in zip(lines, rows):  # what is printed is what is logged, and adds up
+        assert float(loss) == pytest.approx(row["loss"], abs=1e-4) and int(tok_s.replace(",", "")) == round(row["tokens_per_s"])
+        assert row["tokens_per_s"] == pytest.approx(8 * 32 / (float(ms) / 1000), rel=1e-3)
+        assert row["tflops"] == pytest.approx(model.flops_per_token(32) * row["tokens_per_s"] / 1e12, rel=1e-6)
     code, out = run_cli(f"--out_dir={tmp_path}", "--max_new_tokens=10", "--prompt=Hi", "--num_samples=2", script="sample.py")
     assert code == 0 and out.count("---------------") == 2, out
     (tmp_path / "prompt.txt").write_text("The answer")
     code, out = run_cli(f"--out_dir={tmp_path}", "--max_new_tokens=5", f"--prompt=FILE:{tmp_path / 'prompt.txt'}",
                         "--temperature=0", script="sample.py")
-    assert code == 0 and out.startswith("The answer"), out
+    idx = torch.tensor([list(b"The answer")])
+    with torch.no_grad():  # greedy, written out: the full forward over everything so far, then its argmax
+        for _ in range(5):
+            idx = torch.cat([idx, model.eval()(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert code == 0 and out.startswith(bytes(idx[0].tolist()).decode("utf-8", errors="replace") + "\n---"), out
 
 
 @pytest.mark.parametrize("content, message", [
@@ -719,8 +729,14 @@ def test_wandb_offline_and_tensorboard_logging(tmp_path):
                         f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}",
                         env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
     assert code == 0, out
-    assert any(n.startswith("offline-run") for n in os.listdir(tmp_path / "wandb"))
-    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
+    rows = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    run = next(tmp_path / "wandb" / n for n in os.listdir(tmp_path / "wandb") if n.startswith("offline-run"))
+    assert any(n.endswith(".wandb") and (run / n).stat().st_size > 0 for n in os.listdir(run))  # wandb's own binary log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    for key in ("loss", "lr", "grad_norm", "val_loss"):  # every scalar of the JSONL, at its iteration
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(key)] == \
+            [(r["iter"], r[key]) for r in rows if key in r], key
 
 
 def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
@@ -741,14 +757,23 @@ def test_bench_runs_for_a_model(capsys):
     finally:
         sys.argv = sys_argv
     out = capsys.readouterr().out
-    assert "tokens/s" in out and "tok/s cached" in out and "tok/s no cache" in out and "gaia tanh  forward" in out
+    import re
+    ms, tokens_per_s = re.search(r"B=2 T=16: median ([\d.]+) ms/iter over 1 iters, ([\d,]+) tokens/s", out).groups()
+    assert int(tokens_per_s.replace(",", "")) == pytest.approx(2 * 16 / (float(ms) / 1000), rel=0.02)  # the figures agree
+    row = re.search(r"^  default\s+([\d,]+)\s+([\d,]+)\s+([\d.,]+)\s+([\d.,]+)$", out, re.M)
+    config = gpt2.Config(vocab_size=64, block_size=256)  # the decode bench's model: default shape, block_size for decoding
+    assert int(row.group(1).replace(",", "")) == sum(p.numel() for p in gpt2.Model(config).parameters())
+    assert int(row.group(2).replace(",", "")) == 2 * config.n_layer * config.n_embd * 4  # K and V, fp32, every layer
+    assert "gaia tanh  forward" in out
 
 
 def test_profile_writes_a_trace_on_cpu(tmp_path):
     run_train("--max_iters=12", "--eval_interval=100", "--profile=True", out_dir=str(tmp_path))
     with open(tmp_path / "trace.json") as f:
         trace = json.load(f)
-    assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
+    steps = sorted({e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")})
+    assert steps == [f"ProfilerStep#{i}" for i in range(5, 10)], steps  # iterations 5-9, as documented
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
 
 
 def test_keep_freed_memory_stops_page_faults_on_reallocation():
@@ -825,6 +850,10 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(single_process_run
     assert code == 0, out
     assert "= 2,048 tokens per iteration" not in out and "x 2 data-parallel ranks = 256 tokens" in out, out
     assert_same_curve(curve(tmp_path), curve(single_process_run))
+    val = lambda out_dir: [(r["iter"], r["train_loss"], r["val_loss"]) for r in map(json.loads, open(out_dir / "metrics.jsonl"))
+                           if "val_loss" in r]
+    assert [r[0] for r in val(tmp_path)] == [0, 3, 6]  # evals see the same batches at any world size, each rank its slice
+    assert val(tmp_path) == pytest.approx(val(single_process_run), abs=1e-5)
     ddp, ref = torch.load(tmp_path / "ckpt.pt"), torch.load(single_process_run / "ckpt.pt")
     for k, v in ref["model_state"].items():  # the weights after 6 steps: every gradient went into them
         torch.testing.assert_close(ddp["model_state"][k], v, atol=1e-5, rtol=0)
