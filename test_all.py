@@ -942,24 +942,38 @@ def test_bad_tp_fails_fast_on_every_rank(tmp_path, args, message):
 
 # ------------------------------------------------------------------------------------- llama.py
 # Tests of llama.py. The references are independent of gaia's code: Hugging Face transformers'
-# LlamaForCausalLM holding the same weights, the cache-free full forward, the KV-cache size formula,
-# and the published widths of Llama 2 7B and Llama 3 8B.
+# LlamaForCausalLM holding the same weights, the cache-free full forward, Meta's Llama 3.1 RoPE scaling and
+# the KV-cache size and FLOP formulas written out here, and the published widths of Llama 2 7B and Llama 3 8B.
+import dataclasses
+
 import llama
 
 LLAMA_VOCAB = 96
-# Llama 3 frequency scaling as transformers 5 spells it (config.rope_parameters, rope_type "llama3"). With
-# head_dim 16 and original_max_position_embeddings 16, pair 0 (wavelength 6.3) is interpolated and pairs 1-7
-# (wavelengths 20 .. 20000) are stretched 8x: the 24-token test sequences feel both.
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=16)
 
 
-def tiny_hf_llama(n_head=4, n_kv_head=4, tie=False, rope_parameters=None):
+def tiny_llama(**overrides):
+    """A small random llama.Model: 2 layers, GQA 4:2, vocab 96, block_size 64."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=LLAMA_VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    return llama.Model(llama.Config(**{**config, **overrides}))
+
+
+# Llama 3 frequency scaling as transformers 5 spells it (config.rope_parameters, rope_type "llama3"), at Llama 3's
+# rope_theta. With head_dim 16 the 8 pairs have wavelengths 6, 32, 167, 862, ... 609226 tokens; with
+# original_max_position_embeddings 48 and the factors 1 and 4, pair 0 (< 12 tokens) is kept, pair 1 (12 .. 48) is
+# smoothed and pairs 2-7 (> 48) are divided by 8. test_llama3_rope_scaling_matches_transformers checks that
+# the 64-token test sequences feel each of the three bands.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=48)
+
+
+def tiny_hf_llama(n_head=4, n_kv_head=4, tie=False, rope_theta=10000.0, rope_parameters=None):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                          num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=64,
-                         rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_parameters=rope_parameters,
+                         rms_norm_eps=1e-5, tie_word_embeddings=tie,
+                         rope_parameters=rope_parameters or dict(rope_type="default", rope_theta=rope_theta),
                          initializer_range=0.1)  # > HF's 0.02: peaked attention, so a wrong rotation shows in the logits
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # HF starts every RMSNorm weight at 1; random ones make a swapped or dropped norm visible
@@ -969,42 +983,97 @@ def tiny_hf_llama(n_head=4, n_kv_head=4, tie=False, rope_parameters=None):
     return model
 
 
-@pytest.mark.parametrize("n_head,n_kv_head,tie", [
-    (4, 4, False),  # MHA
-    (4, 2, False),  # GQA 2:1
-    (8, 2, False),  # GQA 4:1
-    (4, 1, False),  # MQA
-    (4, 2, True),   # tied embeddings
-], ids=["mha", "gqa2", "gqa4", "mqa", "tied"])
-def test_llama_matches_transformers(tmp_path, n_head, n_kv_head, tie):
-    hf_model = tiny_hf_llama(n_head, n_kv_head, tie)
-    model = hf_roundtrip(llama, hf_model, tmp_path, LLAMA_VOCAB)  # logits <= 1e-4 both ways
+@pytest.mark.parametrize("n_head,n_kv_head,tie,rope_theta,shards", [
+    (4, 4, False, 10000.0, None),     # MHA, the default rope_theta
+    (4, 2, False, 1234.0, "20KB"),    # GQA 2:1, read from a sharded checkpoint
+    (8, 2, False, 500000.0, None),    # GQA 4:1, Llama 3's rope_theta
+    (4, 1, False, 1234.0, None),      # MQA
+    (4, 2, True, 500000.0, "20KB"),   # tied embeddings, sharded
+], ids=["mha", "gqa2-sharded", "gqa4", "mqa", "tied-sharded"])
+def test_llama_matches_transformers(tmp_path, n_head, n_kv_head, tie, rope_theta, shards):
+    hf_model = tiny_hf_llama(n_head, n_kv_head, tie, rope_theta)
+    model = hf_roundtrip(llama, hf_model, tmp_path, LLAMA_VOCAB, max_shard_size=shards)  # logits <= 1e-4 both ways
     c = model.config
-    assert (c.n_head, c.n_kv_head, c.tie_word_embeddings) == (n_head, n_kv_head, tie)
-    assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+    assert (c.n_head, c.n_kv_head, c.tie_word_embeddings, c.rope_theta) == (n_head, n_kv_head, tie, rope_theta)
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tie
     saved = json.loads((tmp_path / "gaia" / "config.json").read_text())
     assert saved["tie_word_embeddings"] == tie and saved["num_key_value_heads"] == n_kv_head
+    assert saved["rope_parameters"] == dict(rope_type="default", rope_theta=rope_theta)
     check_cached_decode(model, LLAMA_VOCAB)  # 32 greedy tokens with the KV cache == full forward, <= 1e-5
 
 
-def test_llama3_rope_scaling_matches_transformers(tmp_path):
+def test_llama3_rope_scaling_matches_transformers(tmp_path, monkeypatch):
     hf_model = tiny_hf_llama(4, 2, rope_parameters=dict(LLAMA3_ROPE))
-    model = hf_roundtrip(llama, hf_model, tmp_path, LLAMA_VOCAB)
-    assert (model.config.rope_factor, model.config.rope_original_max_position_embeddings) == (8.0, 16)
+    model = hf_roundtrip(llama, hf_model, tmp_path, LLAMA_VOCAB, seq_len=64, max_shard_size="20KB")
+    c = model.config
+    assert (c.rope_theta, c.rope_factor, c.rope_original_max_position_embeddings) == (500000.0, 8.0, 48)
     saved = json.loads((tmp_path / "gaia" / "config.json").read_text())["rope_parameters"]
     assert {k: saved[k] for k in LLAMA3_ROPE} == LLAMA3_ROPE
     check_cached_decode(model, LLAMA_VOCAB)
-    # the scaling is felt at these lengths: the same weights with plain RoPE give other logits
-    plain = llama.Model.from_pretrained(str(tmp_path / "hf"), rope_factor=1.0).eval()
-    idx = torch.randint(0, LLAMA_VOCAB, (2, 24))
+    idx = torch.randint(0, LLAMA_VOCAB, (2, 64))
     with torch.no_grad():
-        assert (plain(idx)[0] - hf_model(idx).logits).abs().max() > 1e-2
+        reference = hf_model(idx).logits
+
+    def logits_error(path):
+        with torch.no_grad():
+            return (llama.Model.from_pretrained(str(path)).eval()(idx)[0] - reference).abs().max().item()
+
+    # transformers 4.x, which wrote most Llama checkpoints on the Hub, put rope_theta at the top level and the
+    # scaling in rope_scaling: the same directory written that way loads to the same logits
+    hf_dir = tmp_path / "hf"
+    config = json.loads((hf_dir / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    assert logits_error(hf_dir) < 1e-4
+    # the test config has pairs in all three bands, and at 64 tokens each band is felt: the frequencies of one band
+    # given another band's rule (kept ones divided by the factor, smoothed ones divided, divided ones kept) make
+    # the logits differ from transformers' by far more than the 1e-4 of the parity check
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    wavelength = 2 * math.pi / plain
+    kept, divided = wavelength < 48 / 4, wavelength > 48 / 1
+    smoothed = ~kept & ~divided
+    assert (kept.sum(), smoothed.sum(), divided.sum()) == (1, 1, 6)
+    for band, wrong_rule in [(kept, plain / 8), (smoothed, plain / 8), (divided, plain)]:
+        frequencies = torch.where(band, wrong_rule, llama.rope_frequencies(c, 16))
+        with monkeypatch.context() as patch:
+            patch.setattr(llama, "rope_frequencies", lambda config, dim: frequencies)
+            assert logits_error(hf_dir) > 1e-2, band
+
+
+def test_llama31_rope_frequencies_follow_meta_formula():
+    # Llama 3.1's RoPE (rope_theta 500000, head_dim 128, factor 8, low 1, high 4, original context 8192), the
+    # scaling written out as Meta's apply_scaling does it, one pair at a time, in float64
+    theta, dim, factor, low, high, old = 500000.0, 128, 8.0, 1.0, 4.0, 8192
+    expected, bands = [], {"kept": 0, "smoothed": 0, "divided": 0}
+    for i in range(dim // 2):
+        freq = theta ** (-2 * i / dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            expected.append(freq)
+            bands["kept"] += 1
+        elif wavelen > old / low:
+            expected.append(freq / factor)
+            bands["divided"] += 1
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            expected.append((1 - smooth) * freq / factor + smooth * freq)
+            bands["smoothed"] += 1
+    assert bands == {"kept": 29, "smoothed": 6, "divided": 29}
+    config = llama.Config(rope_theta=theta, rope_factor=factor, rope_low_freq_factor=low, rope_high_freq_factor=high,
+                          rope_original_max_position_embeddings=old)
+    ours = llama.rope_frequencies(config, dim).double()
+    expected = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=0)
+    unscaled = theta ** (-2 * torch.arange(dim // 2, dtype=torch.float64) / dim)
+    assert torch.isclose(ours, unscaled, rtol=1e-5, atol=0).sum() == 29  # the fast pairs, untouched
+    plain = llama.Config(rope_theta=theta)
+    torch.testing.assert_close(llama.rope_frequencies(plain, dim).double(), unscaled, rtol=1e-5, atol=0)
 
 
 def test_llama_cache_prefill_in_chunks():
     # a prompt fed in two chunks through the cache (the second one masked causally at an offset) == one forward
-    torch.manual_seed(0)
-    model = llama.Model(llama.Config(vocab_size=LLAMA_VOCAB, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)).eval()
+    model = tiny_llama().eval()
     idx = torch.randint(0, LLAMA_VOCAB, (2, 20))
     with torch.no_grad():
         full, _ = model(idx)
@@ -1020,40 +1089,54 @@ def test_llama_kv_cache_bytes(n_kv_head, dtype):
     # the cache generate() really allocates holds n_kv_head heads: 2 * n_layer * n_kv_head * head_dim * dtype_size
     # bytes per token, never the n_head repeated ones
     n_layer, n_head, n_embd, B, prompt, new = 3, 4, 64, 2, 5, 4
-    model = llama.Model(llama.Config(vocab_size=LLAMA_VOCAB, block_size=32, n_layer=n_layer, n_head=n_head,
-                                     n_kv_head=n_kv_head, n_embd=n_embd)).to(dtype).eval()
+    model = tiny_llama(block_size=32, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+    model = model.to(dtype).eval()
     caches = []
     make_cache = model.make_cache
     model.make_cache = lambda *a: caches.append(make_cache(*a)) or caches[-1]
     model.generate(torch.randint(0, LLAMA_VOCAB, (B, prompt)), new, temperature=0)
     (cache,) = caches
     per_token = 2 * n_layer * n_kv_head * (n_embd // n_head) * torch.finfo(dtype).bits // 8
-    assert cache.k.shape[2] == n_kv_head
-    assert cache.bytes_per_token == per_token
-    assert cache.nbytes == per_token * B * (prompt + new)
-    assert cache.nbytes == sum(t.untyped_storage().nbytes() for t in (cache.k, cache.v))
+    assert type(cache.bytes_per_token) is int and cache.bytes_per_token == per_token
+    assert make_cache(1, 1).bytes_per_token == per_token
+    allocated = sum(t.untyped_storage().nbytes() for t in vars(cache).values() if torch.is_tensor(t))
+    assert allocated == per_token * B * (prompt + new)  # every tensor the cache holds, per token of each sequence
 
 
 def test_llama_swiglu_width_rule():
     # Meta's multiple_of rule against the published widths: Llama 2 7B 11008, Llama 3 8B 14336
-    assert llama.swiglu_hidden_dim(llama.Config(n_embd=4096, multiple_of=256)) == 11008
-    assert llama.swiglu_hidden_dim(llama.Config(n_embd=4096, multiple_of=1024, ffn_dim_multiplier=1.3)) == 14336
-    assert llama.swiglu_hidden_dim(llama.Config(n_embd=4096, intermediate_size=1000)) == 1000
+    assert llama.Config(n_embd=4096, multiple_of=256).intermediate_size == 11008
+    assert llama.Config(n_embd=4096, multiple_of=1024, ffn_dim_multiplier=1.3).intermediate_size == 14336
+    assert llama.Config(n_embd=4096, intermediate_size=1000).intermediate_size == 1000
+    assert llama.Config(n_embd=96, multiple_of=256).intermediate_size == 256  # 2/3 * 4 * 96 is a multiple already
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_llama_flops_per_token_formula(tie):
+    V, C, L, H, KV, I, T = 96, 64, 2, 4, 2, 88, 32
+    model = llama.Model(llama.Config(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_kv_head=KV, n_embd=C,
+                                     intermediate_size=I, tie_word_embeddings=tie))
+    hd = C // H
+    # by hand, per layer: 2 RMSNorm gains, q, k and v (n_kv_head heads each), o, and SwiGLU's gate, up, down; then
+    # ln_f and the head (the input embedding is a lookup, not counted; when tied it is the head, counted once)
+    per_layer = 2 * C + C * H * hd + 2 * C * KV * hd + H * hd * C + 3 * C * I
+    n = L * per_layer + C + V * C
+    attention = 2 * 2 * L * T * H * hd  # QK^T and AV over all n_head query heads, forward
+    assert model.flops_per_token(T) == 6 * n + 3 * attention
 
 
 def test_llama_gaia_model_loads_in_transformers(tmp_path):
-    # a gaia-born model (Meta's width rule, tied, GQA, Llama 3 scaling) saved and read by transformers
+    # a gaia-born model (Meta's width rule, tied, GQA, Llama 3 scaling, another rope_theta) read by transformers
     from transformers import LlamaForCausalLM
-    torch.manual_seed(0)
-    config = llama.Config(vocab_size=LLAMA_VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                          tie_word_embeddings=True, rope_factor=4.0, rope_original_max_position_embeddings=16)
-    model = llama.Model(config).eval()
+    config = dict(tie_word_embeddings=True, rope_theta=1234.0, rope_factor=4.0, rope_original_max_position_embeddings=16)
+    model = tiny_llama(**config).eval()
+    assert not any("rope" in name for name in model.state_dict())  # cos, sin: buffers rebuilt, never saved
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)  # larger than the init, so attention is far from uniform
     model.save_pretrained(str(tmp_path))
     hf_model = LlamaForCausalLM.from_pretrained(tmp_path).float().eval()
-    assert hf_model.config.intermediate_size == llama.swiglu_hidden_dim(config) == 192
+    assert hf_model.config.intermediate_size == model.config.intermediate_size == 192
     idx = torch.randint(0, LLAMA_VOCAB, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(idx).logits, model(idx)[0], atol=1e-4, rtol=0)
@@ -1061,7 +1144,7 @@ def test_llama_gaia_model_loads_in_transformers(tmp_path):
 
 def test_llama_tp_plan_names_real_modules():
     import fnmatch
-    model = llama.Model(llama.Config(n_layer=2))
+    model = tiny_llama()
     names = dict(model.named_modules())
     plan = model.tp_plan()
     linear = {path: style for path, style in plan.items() if path.endswith("_proj")}
@@ -1079,14 +1162,70 @@ def test_llama_tp_plan_names_real_modules():
         assert any(fnmatch.fnmatch(name, p) and type(s).__name__ == "SequenceParallel" for p, s in plan.items()), name
 
 
+@pytest.mark.parametrize("n_head,n_kv_head,T", [(8, 2, 1), (4, 1, 1), (8, 2, 3), (4, 4, 1)],
+                         ids=["gqa-decode", "mqa-decode", "gqa-prefill", "mha-decode"])
+def test_llama_cached_attention_is_plain_attention(n_head, n_kv_head, T):
+    # cached_attention (below the speed fence: query heads grouped per k/v head when decoding one token under GQA,
+    # SDPA otherwise) against attention written out: query head h reads k/v head h // (n_head / n_kv_head),
+    # softmax(q k^T / sqrt(hd)) v under the cache's causal mask; forward and gradients
+    torch.manual_seed(0)
+    B, S, hd = 2, 7, 16
+    q = torch.randn(B, n_head, T, hd, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, n_kv_head, S, hd, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T) if T > 1 else None
+    rep = n_head // n_kv_head
+    scores = q @ k.repeat_interleave(rep, dim=1).transpose(-1, -2) / math.sqrt(hd)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    reference = scores.softmax(dim=-1) @ v.repeat_interleave(rep, dim=1)
+    ours = llama.cached_attention(q, k, v, mask)
+    torch.testing.assert_close(ours, reference)
+    weights = torch.randn_like(reference)
+    for g, g_ref in zip(torch.autograd.grad((ours * weights).sum(), (q, k, v)),
+                        torch.autograd.grad((reference * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_kv_head=3), r"^n_kv_head=3 does not divide n_head=4; n_kv_head must divide n_head \(e.g. 1, 2 or 4\)$"),
+    (dict(n_kv_head=8), "n_kv_head=8 does not divide n_head=4"),
+    (dict(n_head=1, n_kv_head=2), r"n_kv_head=2 does not divide n_head=1; .*\(e.g. 1\)$"),
+    (dict(n_head=0), "^n_head=0 must be >= 1$"),
+    (dict(n_kv_head=0), "^n_kv_head=0 must be >= 1$"),
+    (dict(n_embd=130), r"^n_embd=130 is not divisible by n_head=4; .*\(e.g. --n_embd=128\)$"),
+    (dict(n_embd=1000, n_head=3, n_kv_head=1), r"n_embd=1000 is not divisible by n_head=3; .*--n_embd=996 or --n_head=4"),
+    (dict(n_embd=36), r"n_embd=36 / n_head=4 = head_dim 9 is odd.*\(e.g. --n_embd=32 or --n_head=6\)"),
+    (dict(dropout=2), r"^dropout=2 must be in \[0, 1\); e.g. --dropout=0.1$"),
+    (dict(dropout=-0.1), r"dropout=-0.1 must be in \[0, 1\)"),
+    (dict(vocab_size=0), "vocab_size=0 must be >= 1"),
+    (dict(block_size=0), "block_size=0 must be >= 1"),
+    (dict(n_layer=0), "n_layer=0 must be >= 1"),
+    (dict(n_embd=0), "n_embd=0 must be >= 1"),
+    (dict(norm_eps=0.0), "norm_eps=0.0 must be > 0"),
+    (dict(intermediate_size=0), "intermediate_size=0 must be >= 1, or None"),
+    (dict(multiple_of=0), "multiple_of=0 must be >= 1"),
+    (dict(ffn_dim_multiplier=0.0), "ffn_dim_multiplier=0.0 must be > 0"),
+    (dict(rope_theta=-1.0), "rope_theta=-1.0 must be > 0"),
+    (dict(rope_factor=0.5), "rope_factor=0.5 must be >= 1"),
+    (dict(rope_low_freq_factor=4.0), "rope_low_freq_factor=4.0 and rope_high_freq_factor=4.0 must satisfy"),
+    (dict(rope_low_freq_factor=0.0), "rope_low_freq_factor=0.0 .* must satisfy 0 < low < high"),
+    (dict(rope_original_max_position_embeddings=0), "rope_original_max_position_embeddings=0 must be >= 1"),
+])
+def test_llama_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        llama.Config(**overrides)
+
+
+def test_llama_config_rebuilds_from_its_dict():
+    # checkpoints store dataclasses.asdict(config); the derived intermediate_size is stored and read back as set
+    for config in (llama.Config(), llama.Config(n_embd=256, multiple_of=64, ffn_dim_multiplier=1.3),
+                   llama.Config(intermediate_size=100, rope_factor=8.0)):
+        assert llama.Config(**dataclasses.asdict(config)) == config
+    assert llama.Config(vocab_size=None).vocab_size is None  # train.py builds it so, then sets the tokenizer's
+
+
 def test_llama_bad_input():
-    with pytest.raises(ValueError, match="n_head=4 is not divisible by n_kv_head=3"):
-        llama.Model(llama.Config(n_head=4, n_kv_head=3))
-    with pytest.raises(ValueError, match="head_dim .* is odd"):
-        llama.Model(llama.Config(n_embd=36, n_head=4, n_kv_head=2))
-    with pytest.raises(ValueError, match="not divisible by n_head"):
-        llama.Model(llama.Config(n_embd=130, n_head=4))
-    model = llama.Model(llama.Config(vocab_size=LLAMA_VOCAB, block_size=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=1))
+    model = tiny_llama(block_size=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=1)
     with pytest.raises(ValueError, match="longer than block_size=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
     cache = model.make_cache(1, 16)
@@ -1100,11 +1239,13 @@ def test_llama_rejects_unsupported_checkpoints(tmp_path):
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     for extra, message in [(dict(rope_parameters=dict(rope_type="yarn", factor=2.0)), "rope_type='yarn'"),
                            (dict(attention_bias=True), "attention_bias=True"),
-                           (dict(model_type="mistral"), "not llama")]:
+                           (dict(head_dim=32), "head_dim=32"),
+                           (dict(model_type="mistral"), "holds a 'mistral' model, not llama; use a LlamaForCausalLM"),
+                           (dict(model_type="mixtral"), "holds a 'mixtral' model, not llama; use --model=moe"),
+                           ({}, "neither model.safetensors nor model.safetensors.index.json")]:
         (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
         with pytest.raises(ValueError, match=message):
             llama.Model.from_pretrained(str(tmp_path))
-
 
 
 # ------------------------------------------------------------------------------------- mamba.py
