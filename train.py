@@ -447,7 +447,9 @@ def configure(argv):
         raise TrainingError(f"{ckpt['path']} is at iter {ckpt['iter_num']}, and max_iters={cfg.max_iters}: nothing to "
                             f"train. Raise --max_iters (e.g. --max_iters={2 * ckpt['iter_num']}) to train further, "
                             f"or sample it: python sample.py --out_dir={out_dir}")
-    model_cfg = build_config(module, {f.name: values[f.name] for f in fields(module.Config) if f.name in values})
+    # vocab_size=None (train.py's default: the tokenizer's) leaves the model's default until the tokenizer is known
+    model_cfg = build_config(module, {f.name: values[f.name] for f in fields(module.Config)
+                                      if f.name in values and not (f.name == "vocab_size" and values[f.name] is None)})
     return cfg, module, model_cfg, ckpt, explicit
 
 
