@@ -123,7 +123,7 @@ class RMSNormGated(nn.Module):
 # Shapes of the recurrence: x (b, T, H, P), dt = Δ (b, T, H), B and C (b, T, G, N), D (H,), A (H, N) for Mamba-1
 # (H = d_inner channels, P = 1, N decays each) or (H, 1) for Mamba-2 (one decay per head). Head i reads the B and C
 # of group i // (H / G); the state h is (b, H, P, N), kept in fp32. The parallel forms below the speed fence,
-# selective_scan and ssd, take the same arguments and return the same (y, last h).
+# selective_scan and ssd, take the same arguments (ssd also the chunk size) and return the same (y, last h).
 
 def ssm_sequential(x, dt, A, B, C, D, h=None):
     """The definition, one time step at a time; the model uses it to decode (T = 1). Returns y (b, T, H, P) and
@@ -398,7 +398,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
 # === speed: the same math, faster ===
 # ssm_sequential is a Python loop over time. Training runs the same recurrence in parallel over time: Mamba-1 by
 # a parallel scan with a hand-written backward, Mamba-2 by the chunked SSD algorithm. Both take ssm_sequential's
-# arguments and return its (y, last h); test_all.py checks values and gradients against it.
+# arguments (ssd also the chunk size) and return its (y, last h); test_all.py checks values and gradients against it.
 
 def scan_(a, b):
     """Every h_t = a_t h_{t-1} + b_t (along dim 1, h_{-1} = 0) in log2(T) vectorised rounds, in place: b becomes h.
@@ -538,17 +538,17 @@ HF_NAMES = {  # gaia parameter -> HF tensor name; {i} is the layer. Inside the m
     "transformer.ln_f.weight": "backbone.norm_f.weight",
     "lm_head.weight": "lm_head.weight",
 }
-GAIA_FILE = {"gpt2": "gpt2", "llama": "llama", "mixtral": "moe", "qwen3_moe": "moe", "deepseek_v3": "mla"}
+# the gaia file that loads each Hugging Face model_type, for the error when a checkpoint meets the wrong one
+GAIA_FILES = {"gpt2": "gpt2", "llama": "llama", "mixtral": "moe", "qwen3_moe": "moe", "mamba": "mamba",
+              "mamba2": "mamba", "deepseek_v3": "mla"}
 
 
 def hf_names(model):
-    """HF_NAMES for this model's tensors: gaia name -> HF name. A tied head is left out: HF ties it too."""
-    own = model.state_dict()
-    names = {}
-    for ours, theirs in HF_NAMES.items():
-        for i in range(model.config.n_layer) if "{i}" in ours else [0]:
-            if ours.format(i=i) in own:
-                names[ours.format(i=i)] = theirs.format(i=i)
+    """HF_NAMES with {i} filled in for every layer: gaia parameter -> HF tensor name, for the tensors this model
+    has (its variant's, its biases). A tied head is left out: HF ties it too."""
+    own, n_layer = model.state_dict(), model.config.n_layer
+    names = {ours.format(i=i): theirs.format(i=i) for ours, theirs in HF_NAMES.items() for i in range(n_layer)}
+    names = {ours: theirs for ours, theirs in names.items() if ours in own}
     if model.config.tie_word_embeddings:
         del names["lm_head.weight"]
     return names
@@ -578,7 +578,7 @@ def from_hf(path):
     kind = hf.get("model_type")
     variant = {"mamba": "mamba1", "mamba2": "mamba2"}.get(kind)
     if variant is None:
-        hint = f"use --model={GAIA_FILE[kind]}" if kind in GAIA_FILE else "no gaia model file reads it"
+        hint = f"use --model={GAIA_FILES[kind]}" if kind in GAIA_FILES else "no gaia model file loads it"
         raise ValueError(f"{path} holds a {kind!r} model, not mamba or mamba2; {hint}")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r}: gaia's mamba.py uses SiLU only")

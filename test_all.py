@@ -1057,7 +1057,7 @@ def test_mamba_save_load_and_loss(tmp_path, variant):
     torch.testing.assert_close(loss, want)
 
 
-@pytest.mark.parametrize("overrides, message", [
+MAMBA_BAD_CONFIGS = [
     (dict(variant="mamba3"), r"variant='mamba3' is not a Mamba variant; choose --variant=mamba1 .* or --variant=mamba2"),
     (dict(vocab_size=0), r"vocab_size=0 must be an integer >= 1"),
     (dict(n_layer=0), r"n_layer=0 must be"),
@@ -1078,7 +1078,10 @@ def test_mamba_save_load_and_loss(tmp_path, variant):
      r"head_dim=24 does not divide d_inner = expand \* n_embd = 64; choose head_dim dividing 64 \(e.g. --head_dim=16\)"),
     (dict(variant="mamba2", n_embd=32, head_dim=16, n_groups=3),
      r"n_groups=3 does not divide n_head = d_inner / head_dim = 4; .* \(e.g. --n_groups=2\)"),
-])
+]
+
+
+@pytest.mark.parametrize("overrides, message", MAMBA_BAD_CONFIGS, ids=[list(o)[-1] for o, _ in MAMBA_BAD_CONFIGS])
 def test_mamba_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match="^" + message) as error:
         mamba.Config(**overrides)
