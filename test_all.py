@@ -1250,10 +1250,20 @@ def test_llama_rejects_unsupported_checkpoints(tmp_path):
 
 # ------------------------------------------------------------------------------------- mamba.py
 # Tests of mamba.py (Mamba-1 and Mamba-2). References: transformers' MambaForCausalLM / Mamba2ForCausalLM holding
-# the same weights, and a step-by-step loop of the recurrence written here.
+# the same weights, step-by-step loops of the recurrence written here, and formulas for the state size and FLOPs.
+import dataclasses
+
 import mamba
 
 MAMBA_VOCAB = 97
+
+
+def tiny_mamba(**overrides):
+    """A small random Mamba, Mamba-1 unless variant="mamba2" (then 8 heads of 8 in 2 groups, chunks of 8)."""
+    torch.manual_seed(0)
+    config = dict(variant="mamba1", vocab_size=MAMBA_VOCAB, n_layer=2, n_embd=32, d_state=8, head_dim=8, n_groups=2,
+                  chunk_size=8)
+    return mamba.Model(mamba.Config(**{**config, **overrides})).eval()
 
 
 def perturbed_mamba(hf_model):
@@ -1265,22 +1275,24 @@ def perturbed_mamba(hf_model):
     return hf_model
 
 
-def test_hf_mamba1(tmp_path):
+@pytest.mark.parametrize("max_shard_size", [None, "20KB"])
+def test_hf_mamba1(tmp_path, max_shard_size):
     from transformers import MambaConfig, MambaForCausalLM
     torch.manual_seed(0)
     hf = MambaForCausalLM(MambaConfig(vocab_size=MAMBA_VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8, use_bias=True,
                                       pad_token_id=None, bos_token_id=None, eos_token_id=None))
-    model = hf_roundtrip(mamba, perturbed_mamba(hf), tmp_path, MAMBA_VOCAB, seq_len=24)
+    model = hf_roundtrip(mamba, perturbed_mamba(hf), tmp_path, MAMBA_VOCAB, seq_len=24, max_shard_size=max_shard_size)
     assert model.config.variant == "mamba1" and model.config.dt_rank == 2 and model.config.tie_word_embeddings
 
 
-@pytest.mark.parametrize("n_groups,num_heads,head_dim", [(1, 4, 16), (2, 8, 8)])
-def test_hf_mamba2(tmp_path, n_groups, num_heads, head_dim):
+@pytest.mark.parametrize("n_groups,num_heads,head_dim,max_shard_size", [(1, 4, 16, None), (2, 8, 8, None), (2, 8, 8, "20KB")])
+def test_hf_mamba2(tmp_path, n_groups, num_heads, head_dim, max_shard_size):
     from transformers import Mamba2Config, Mamba2ForCausalLM
     torch.manual_seed(0)
     hf = Mamba2ForCausalLM(Mamba2Config(vocab_size=MAMBA_VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8,
                                         num_heads=num_heads, head_dim=head_dim, n_groups=n_groups, chunk_size=8))
-    model = hf_roundtrip(mamba, perturbed_mamba(hf), tmp_path, MAMBA_VOCAB, seq_len=21)  # 21 = 2 chunks of 8 and a partial one
+    model = hf_roundtrip(mamba, perturbed_mamba(hf), tmp_path, MAMBA_VOCAB, seq_len=21,  # 2 chunks of 8 and a partial one
+                         max_shard_size=max_shard_size)
     c = model.config
     assert (c.variant, c.n_groups, c.head_dim, c.chunk_size, c.tie_word_embeddings) == ("mamba2", n_groups, head_dim, 8, False)
 
@@ -1310,14 +1322,14 @@ def ssm_inputs(b, T, H, P, G, N, scalar_A):
     return [t.requires_grad_() for t in (x, dt, A, B, C, D, h)]
 
 
-def check_against_reference(fn, inputs):
-    """fn's outputs (y, last h) and the gradients of every input must match the fp64 loop (fn runs in fp32)."""
+def check_against_reference(fn, inputs, reference=reference_ssm):
+    """fn's outputs (y, last h) and the gradients of every input must match the reference's (fn runs in fp32)."""
     torch.manual_seed(1)
-    outs = [fn(*inputs), reference_ssm(*inputs)]
+    outs = [fn(*inputs), reference(*inputs)]
     weights = [torch.randn_like(o, dtype=torch.float64) for o in outs[1]]
     grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), inputs) for out in outs]
     for got, want in zip(outs[0], outs[1]):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-4)
     for name, got, want in zip("x dt A B C D h".split(), *grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
 
@@ -1339,43 +1351,136 @@ def test_mamba_sequential_definition_matches_loop(scalar_A, P, G):
     check_against_reference(mamba.ssm_sequential, ssm_inputs(2, 9, 4, P, G, 5, scalar_A))
 
 
+@pytest.mark.parametrize("path, T, chunk_size, from_state", [
+    ("selective_scan", 1, None, False), ("selective_scan", 1, None, True), ("selective_scan", 2, None, False),
+    ("selective_scan", 37, None, False), ("selective_scan", 64, None, True),
+    ("ssd", 5, 8, False), ("ssd", 16, 8, True), ("ssd", 37, 8, False), ("ssd", 37, 8, True), ("ssd", 12, 1, True)])
+def test_mamba_speed_paths_equal_the_sequential_definition(path, T, chunk_size, from_state):
+    """Below the speed fence against the definition above it: selective_scan (parallel scan: T = 1, even and odd T)
+    and ssd (one partial chunk, whole chunks, chunks and a partial one, chunks of 1) give ssm_sequential's y and
+    last h, and the same gradients for every input, from a zero state (h=None) and from a given one."""
+    scalar_A = path == "ssd"
+    inputs = ssm_inputs(2, T, 4, 3 if scalar_A else 1, 2 if scalar_A else 1, 5, scalar_A)
+    if not from_state:
+        inputs = inputs[:6]
+    fast = mamba.selective_scan if path == "selective_scan" else lambda *a: mamba.ssd(*a[:6], chunk_size, *a[6:])
+    check_against_reference(fast, inputs, reference=mamba.ssm_sequential)
+
+
+def linear_recurrence_loop(a, b):
+    """h_t = a_t h_{t-1} + b_t along dim 1 from h_{-1} = 0, one step at a time (a broadcasts against b)."""
+    h, hs = torch.zeros_like(b[:, 0]), []
+    for t in range(b.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    return torch.stack(hs, dim=1)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 8, 37])
+def test_mamba_linear_recurrence_matches_loop(T):
+    """The parallel scan with its hand-written backward, a broadcast over a size-1 dim as selective_scan and ssd
+    call it: h and the gradients of a and b equal autograd through the loop; gradcheck against finite differences."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, T, 3, 1, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(2, T, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(2, T, 3, 4, generator=g, dtype=torch.float64)
+    h, want = mamba.LinearRecurrence.apply(a, b), linear_recurrence_loop(a, b)
+    torch.testing.assert_close(h, want, atol=1e-12, rtol=0)
+    for got, ref in zip(torch.autograd.grad((h * w).sum(), (a, b)), torch.autograd.grad((want * w).sum(), (a, b))):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(mamba.LinearRecurrence.apply, (a, b))
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
+def test_mamba_model_with_only_the_sequential_definition_is_the_same(variant, monkeypatch):
+    """The one-line call sites: the model's logits and every parameter's gradient are the same when the speed
+    paths are replaced by the sequential definition."""
+    model = tiny_mamba(variant=variant, bias=True).train()
+    idx = torch.randint(0, MAMBA_VOCAB, (2, 21), generator=torch.Generator().manual_seed(0))
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits, loss = model(idx, idx)
+        loss.backward()
+        return [logits] + [p.grad.clone() for p in model.parameters()]
+
+    fast = logits_and_grads()
+    monkeypatch.setattr(mamba, "selective_scan", mamba.ssm_sequential)
+    monkeypatch.setattr(mamba, "ssd", lambda x, dt, A, B, C, D, chunk_size, h=None: mamba.ssm_sequential(x, dt, A, B, C, D, h))
+    for got, want in zip(fast, logits_and_grads(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------- the model
-
-def tiny_mamba(variant, **kw):
-    torch.manual_seed(0)
-    config = mamba.Config(variant=variant, vocab_size=MAMBA_VOCAB, n_layer=2, n_embd=32, d_state=8, head_dim=8, n_groups=2,
-                          chunk_size=8, **kw)
-    return mamba.Model(config).eval()
-
 
 @pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
 def test_mamba_cached_decode(variant):
-    check_cached_decode(tiny_mamba(variant), MAMBA_VOCAB, prompt_len=11, new_tokens=32)  # Mamba-2: the prompt is 1.4 chunks
+    check_cached_decode(tiny_mamba(variant=variant), MAMBA_VOCAB, prompt_len=11, new_tokens=32)  # Mamba-2: 1.4 chunks
 
 
 @pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
-def test_mamba_state_is_fixed_size_and_continues(variant):
+def test_mamba_state_continues(variant):
     """Feeding a sequence in two pieces through the cache (the second by the parallel path, from a state) gives the
-    logits of one full forward; the state left behind has the same size after 5 or 40 tokens."""
-    model = tiny_mamba(variant)
+    logits of one full forward."""
+    model = tiny_mamba(variant=variant)
     idx = torch.randint(0, MAMBA_VOCAB, (2, 40))
     with torch.no_grad():
         full, _ = model(idx)
-        cache = mamba.MambaCache(model.config.n_layer)
+        cache = model.make_cache(2, 40)
         first, _ = model(idx[:, :13], cache=cache)
         second, _ = model(idx[:, 13:], cache=cache)
-        short = mamba.MambaCache(model.config.n_layer)
-        model(idx[:, :5], cache=short)
     torch.testing.assert_close(torch.cat((first, second), 1), full, atol=1e-5, rtol=0)
-    sizes = [[t.shape for t in c.conv_state + c.ssm_state] for c in (cache, short)]
-    assert sizes[0] == sizes[1]
+    assert cache.pos == 40
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba_cache_bytes(variant, dtype):
+    """The state per layer, by formula: d_conv - 1 conv inputs of each conv channel (x, and Mamba-2's B and C) in
+    the model's dtype, and h, d_inner * d_state floats in fp32. It does not grow: bytes_per_token is 0, and a
+    cache for 1,000 tokens, or one that has seen 45, holds what one for 10 holds."""
+    model = tiny_mamba(variant=variant).to(dtype)
+    c, batch = model.config, 3
+    conv_channels = c.d_inner + (2 * c.n_groups * c.d_state if variant == "mamba2" else 0)
+    per_layer = conv_channels * (c.d_conv - 1) * dtype.itemsize + c.d_inner * c.d_state * 4
+    cache = model.make_cache(batch, 10)
+    assert type(cache.bytes_per_token) is int and cache.bytes_per_token == 0
+    assert cache.nbytes == c.n_layer * batch * per_layer
+    assert (model.make_cache(batch, 1000).nbytes - cache.nbytes) / 990 == cache.bytes_per_token
+    with torch.no_grad():
+        model(torch.randint(0, MAMBA_VOCAB, (batch, 5)), cache=cache)
+        model(torch.randint(0, MAMBA_VOCAB, (batch, 40)), cache=cache)
+    assert cache.pos == 45 and sum(t.numel() * t.element_size() for t in vars(cache).values()
+                                   if torch.is_tensor(t)) == c.n_layer * batch * per_layer
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_mamba_flops_per_token_formula(variant, tie):
+    """Parameters counted by hand (n_embd 32, d_inner 64, N 8, d_conv 4, 2 layers, vocab 97, biases on), then
+    6 FLOPs per weight that multiplies (not the embedding lookup, unless it is the tied head) plus 3x the scan's
+    forward: Mamba-1 9 d_inner N; Mamba-2 with Q = 8, H = 8, G = 2: 2QGN + QH + 2Q d_inner + 4 d_inner N."""
+    model = tiny_mamba(variant=variant, bias=True, tie_word_embeddings=tie)
+    if variant == "mamba1":  # dt_rank = ceil(32 / 16) = 2
+        per_layer = (32 + (32 * 128 + 128) + (64 * 4 + 64) + 64 * (2 + 2 * 8) + (2 * 64 + 64) + 64 * 8 + 64
+                     + (64 * 32 + 32))  # ln_1, in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj
+        scan = 9 * 64 * 8
+    else:  # conv channels 64 + 2 * 2 * 8 = 96; in_proj gives z 64, xBC 96, Δ 8
+        per_layer = 32 + (32 * 168 + 168) + (96 * 4 + 96) + 8 + 8 + 8 + 64 + (64 * 32 + 32)  # ... dt_bias, A_log, D, norm
+        scan = 2 * 8 * 2 * 8 + 8 * 8 + 2 * 8 * 64 + 4 * 64 * 8
+    table = 97 * 32
+    assert model.num_params() == 2 * per_layer + 32 + table * (1 if tie else 2)
+    weights = 2 * per_layer + 32 + table  # the head; the untied embedding table is a lookup
+    assert model.flops_per_token(64) == 6 * weights + 3 * 2 * scan
 
 
 @pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
 def test_mamba_save_load_and_loss(tmp_path, variant):
-    model = tiny_mamba(variant, tie_word_embeddings=variant == "mamba1", bias=True)
+    model = tiny_mamba(variant=variant, tie_word_embeddings=variant == "mamba1", bias=True)
     model.save_pretrained(str(tmp_path))
     again = mamba.Model.from_pretrained(str(tmp_path)).eval()
+    unused = {"mamba1": ("head_dim", "n_groups", "chunk_size"), "mamba2": ("dt_rank",)}[variant]  # HF has no key for them
+    assert dataclasses.replace(again.config, **{k: getattr(model.config, k) for k in unused}) == model.config
     idx = torch.randint(0, MAMBA_VOCAB, (2, 19))
     targets = idx.roll(-1, 1)
     targets[:, -1] = -1
@@ -1387,19 +1492,56 @@ def test_mamba_save_load_and_loss(tmp_path, variant):
     torch.testing.assert_close(loss, want)
 
 
-def test_mamba_bad_input_errors(tmp_path):
-    with pytest.raises(ValueError, match="variant"):
-        mamba.Model(mamba.Config(variant="mamba3"))
-    with pytest.raises(ValueError, match="head_dim"):
-        mamba.Model(mamba.Config(variant="mamba2", n_embd=32, head_dim=24))
-    with pytest.raises(ValueError, match="n_groups"):
-        mamba.Model(mamba.Config(variant="mamba2", n_embd=32, head_dim=16, n_groups=3))
-    with pytest.raises(ValueError, match="idx"):
-        tiny_mamba("mamba1")(torch.zeros(2, 3))
-    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(ValueError, match="gpt2"):
-        mamba.Model.from_pretrained(str(tmp_path))
+MAMBA_BAD_CONFIGS = [
+    (dict(variant="mamba3"), r"variant='mamba3' is not a Mamba variant; choose --variant=mamba1 .* or --variant=mamba2"),
+    (dict(vocab_size=0), r"vocab_size=0 must be an integer >= 1"),
+    (dict(n_layer=0), r"n_layer=0 must be"),
+    (dict(n_embd=-8), r"n_embd=-8 must be"),
+    (dict(d_state=0), r"d_state=0 must be an integer >= 1"),
+    (dict(d_conv=0), r"d_conv=0 must be"),
+    (dict(expand=0), r"expand=0 must be"),
+    (dict(expand=1.5), r"expand=1.5 must be an integer"),
+    (dict(chunk_size=0), r"chunk_size=0 must be"),
+    (dict(head_dim=0), r"head_dim=0 must be"),
+    (dict(n_groups=0), r"n_groups=0 must be"),
+    (dict(dt_rank=0), r"dt_rank=0 must be an integer >= 1; or leave it unset \(None\) for ceil\(n_embd / 16\) = 8"),
+    (dict(dt_min=0.0), r"dt_min=0.0 must be > 0.*--dt_min=0.001"),
+    (dict(dt_min=0.1, dt_max=0.01), r"dt_max=0.01 is smaller than dt_min=0.1; choose dt_max >= dt_min"),
+    (dict(norm_eps=0.0), r"norm_eps=0.0 must be > 0; e.g. --norm_eps=1e-5"),
+    (dict(bias="yes"), r"bias='yes' must be True or False"),
+    (dict(variant="mamba2", n_embd=32, head_dim=24),
+     r"head_dim=24 does not divide d_inner = expand \* n_embd = 64; choose head_dim dividing 64 \(e.g. --head_dim=16\)"),
+    (dict(variant="mamba2", n_embd=32, head_dim=16, n_groups=3),
+     r"n_groups=3 does not divide n_head = d_inner / head_dim = 4; .* \(e.g. --n_groups=2\)"),
+]
 
+
+@pytest.mark.parametrize("overrides, message", MAMBA_BAD_CONFIGS, ids=[list(o)[-1] for o, _ in MAMBA_BAD_CONFIGS])
+def test_mamba_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match="^" + message) as error:
+        mamba.Config(**overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_mamba_config_derives_and_rebuilds():
+    assert mamba.Config(n_embd=40).dt_rank == 3 and mamba.Config(n_embd=40, dt_rank=5).dt_rank == 5
+    c2 = mamba.Config(variant="mamba2", n_embd=64, head_dim=16)
+    assert c2.dt_rank is None and (c2.d_inner, c2.n_head) == (128, 8)  # derived, not fields
+    assert {"d_inner", "n_head"}.isdisjoint(f.name for f in dataclasses.fields(mamba.Config))
+    for c in (mamba.Config(), c2, mamba.Config(vocab_size=None)):  # train.py sets vocab_size after building
+        assert mamba.Config(**dataclasses.asdict(c)) == c
+
+
+def test_mamba_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="idx"):
+        tiny_mamba()(torch.zeros(2, 3))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="holds a 'gpt2' model, not mamba or mamba2; use --model=gpt2"):
+        mamba.Model.from_pretrained(str(tmp_path))
+    tiny_mamba().save_pretrained(str(tmp_path))
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
+        mamba.Model.from_pretrained(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------- moe.py

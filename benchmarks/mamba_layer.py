@@ -33,7 +33,7 @@ def hf_mixer(config):
                   conv_kernel=config.d_conv, use_bias=config.bias, use_conv_bias=config.conv_bias)
     if config.variant == "mamba1":
         from transformers.models.mamba.modeling_mamba import MambaMixer
-        return MambaMixer(transformers.MambaConfig(**common, time_step_rank=config.dt_rank or "auto"), 0)
+        return MambaMixer(transformers.MambaConfig(**common, time_step_rank=config.dt_rank), 0)
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
     heads = config.expand * config.n_embd // config.head_dim
     return Mamba2Mixer(transformers.Mamba2Config(**common, num_heads=heads, head_dim=config.head_dim,
@@ -42,7 +42,7 @@ def hf_mixer(config):
 
 def bench_layer(config, batch, seq_len, reps, hf_reps):
     torch.manual_seed(0)
-    ours = mamba.Model(config).backbone.layers[0].mixer.train()
+    ours = mamba.Model(config).transformer.h[0].mixer.train()
     theirs = hf_mixer(config).train()
     theirs.load_state_dict(ours.state_dict())  # the same names and shapes: strict loading checks both
     x = torch.randn(batch, seq_len, config.n_embd)
@@ -71,7 +71,7 @@ def bench_decode(config, contexts, new_tokens):
     model = mamba.Model(config).eval()
     rows = []
     for ctx in contexts:
-        cache = mamba.MambaCache(config.n_layer)
+        cache = model.make_cache(1, ctx + new_tokens + 1)
         logits, _ = model(torch.randint(0, config.vocab_size, (1, ctx)), cache=cache)  # prefill, parallel path
         token = logits[:, -1:].argmax(-1)
         model(token, cache=cache)  # warm-up step
@@ -82,8 +82,7 @@ def bench_decode(config, contexts, new_tokens):
             token = logits[:, -1:].argmax(-1)
             times.append(time.perf_counter() - t)
         per_token = sorted(times)[len(times) // 2]  # the median: a shared machine's hiccups do not move it
-        state_bytes = sum(s.numel() * s.element_size() for s in cache.conv_state + cache.ssm_state)
-        rows.append((ctx, per_token, state_bytes))
+        rows.append((ctx, per_token, cache.nbytes))
     return rows
 
 
