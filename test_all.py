@@ -1830,7 +1830,22 @@ def test_moe_tp_plan_names_real_modules():
 # transformers' DeepseekV3ForCausalLM holding the same weights, slow loops written here, and formulas.
 import mla
 
-MLA_VOCAB = 64
+MLA_VOCAB = 96
+# DeepSeek-V3's YaRN: cos/sin scaled by mscale(4, 1) / mscale(4, 0.707), the softmax by mscale(4, 0.707)^2 = 1.21;
+# rope_theta not the default, so a loader that ignores it moves the logits
+MLA_YARN = dict(rope_type="yarn", rope_theta=50000.0, factor=4.0, original_max_position_embeddings=32, beta_fast=32,
+                beta_slow=1, mscale=1.0, mscale_all_dim=0.707)
+
+
+def tiny_mla(**overrides):
+    """A small random mla.py model: 3 layers (one dense, then two DeepSeekMoE layers of 8 experts in 2 groups),
+    low-rank queries, the latent c_KV of 16 and a rope key of 8."""
+    kw = dict(vocab_size=MLA_VOCAB, block_size=64, n_layer=3, n_head=4, n_embd=32, q_lora_rank=24, kv_lora_rank=16,
+              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, intermediate_size=48, moe_intermediate_size=16,
+              n_experts=8, n_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return mla.Model(mla.Config(**kw))
 
 
 def hf_deepseek(**overrides):
@@ -1853,20 +1868,28 @@ def hf_deepseek(**overrides):
     return model
 
 
+def hf_deepseek_in_gaia(tmp_path, **overrides):
+    """hf_deepseek's weights loaded into mla.py (the model the decode tests run)."""
+    hf_deepseek(**overrides).save_pretrained(tmp_path / "hf")
+    return mla.Model.from_pretrained(str(tmp_path / "hf"))
+
+
 def test_mla_hf_low_rank_query_moe_groups(tmp_path):
-    """q_lora_rank, MoE layers after one dense layer, group-limited routing (n_group=2, topk_group=1),
-    DeepSeek's interleaved rope layout; then the expert load gaia reports equals a count of the choices
-    of transformers' own router on the same hidden states."""
+    """A sharded checkpoint (safetensors shards + index), q_lora_rank, MoE layers after one dense layer,
+    group-limited routing (n_group=2, topk_group=1), DeepSeek's interleaved rope layout; then the expert load
+    gaia reports for a training forward equals a count of the choices of transformers' own router on the same
+    hidden states."""
     hf = hf_deepseek()
-    model = hf_roundtrip(mla, hf, tmp_path, MLA_VOCAB)
+    model = hf_roundtrip(mla, hf, tmp_path, MLA_VOCAB, max_shard_size="20KB")
     assert model.config.q_lora_rank == 24 and model.config.first_k_dense_replace == 1
     inputs = {}
-    hooks = [block.ffn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
-             for i, block in enumerate(model.layers) if isinstance(block.ffn, mla.MoE)]
+    hooks = [block.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+             for i, block in enumerate(model.transformer.h) if isinstance(block.mlp, mla.MoE)]
     idx = torch.randint(0, MLA_VOCAB, (2, 24))
+    model.train()  # dropout is 0: the same function, and the load of a training forward is what metrics() reports
+    model(idx)
+    load = model.metrics()["expert_load"]
     with torch.no_grad():
-        model(idx)
-        load = model.metrics()["expert_load"]
         expected = []
         for i in sorted(inputs):
             _, _, chosen = hf.model.layers[i].mlp.gate(inputs[i])  # transformers' router, same weights
@@ -1888,70 +1911,81 @@ def test_mla_hf_low_rank_query_moe_groups(tmp_path):
         torch.testing.assert_close(mla.Model.from_pretrained(str(fused))(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
 
 
-def test_mla_hf_full_query_dense_only(tmp_path):
-    """q_lora_rank=None (full query projection), every layer dense (first_k_dense_replace = n_layer)."""
-    model = hf_roundtrip(mla, hf_deepseek(q_lora_rank=None, first_k_dense_replace=3), tmp_path, MLA_VOCAB)
-    assert model.config.q_lora_rank is None and not model.moe_layers()
-
-
-def test_mla_hf_groups_no_renorm_half_rope(tmp_path):
-    """n_group=4 / topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.5, rope_interleave=False."""
-    hf = hf_deepseek(q_lora_rank=None, n_group=4, topk_group=2, num_experts_per_tok=3, norm_topk_prob=False,
-                     routed_scaling_factor=1.5, rope_interleave=False, first_k_dense_replace=0)
+def test_mla_hf_full_query_dense_only_tied(tmp_path):
+    """q_lora_rank=None (full query projection), every layer dense (first_k_dense_replace = n_layer), the head
+    tied to the embedding."""
+    hf = hf_deepseek(q_lora_rank=None, first_k_dense_replace=3, tie_word_embeddings=True)
     model = hf_roundtrip(mla, hf, tmp_path, MLA_VOCAB)
-    assert len(model.moe_layers()) == 3
+    assert model.config.q_lora_rank is None and not model.moe_layers()
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_mla_hf_groups_no_renorm_half_rope_theta(tmp_path):
+    """n_group=4 / topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.5, no shared expert,
+    rope_interleave=False, and rope_theta=500 (not the default 10000)."""
+    hf = hf_deepseek(q_lora_rank=None, n_group=4, topk_group=2, num_experts_per_tok=3, norm_topk_prob=False,
+                     routed_scaling_factor=1.5, rope_interleave=False, first_k_dense_replace=0, n_shared_experts=0,
+                     rope_parameters=dict(rope_type="default", rope_theta=500.0))
+    model = hf_roundtrip(mla, hf, tmp_path, MLA_VOCAB)
+    assert len(model.moe_layers()) == 3 and model.config.rope_theta == 500.0 and model.config.n_shared_experts == 0
 
 
 def test_mla_hf_yarn(tmp_path):
     """DeepSeek-V3's YaRN rope scaling: frequency ramp, cos/sin attention factor (mscale != mscale_all_dim)
-    and the softmax scale times mscale(factor, mscale_all_dim)^2."""
-    rope = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32,
-                beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.707)
-    model = hf_roundtrip(mla, hf_deepseek(rope_parameters=rope), tmp_path, MLA_VOCAB)
-    assert model.config.rope_factor == 4.0 and model.rope_attention_factor != 1.0
+    and the softmax scale times mscale(factor, mscale_all_dim)^2; rope_theta=50000."""
+    model = hf_roundtrip(mla, hf_deepseek(rope_parameters=MLA_YARN), tmp_path, MLA_VOCAB)
+    c = model.config
+    assert c.rope_factor == 4.0 and c.rope_theta == 50000.0 and c.mscale_all_dim == 0.707
+    factor = (0.1 * math.log(4) + 1) / (0.1 * 0.707 * math.log(4) + 1)
+    torch.testing.assert_close(model.cos[0], torch.full((8,), factor))  # position 0: cos 0 = 1, times the factor
+    assert "cos" not in model.state_dict()
 
 
-@pytest.fixture(scope="module")
-def mla_decode_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mla_decode")
-    hf_deepseek().save_pretrained(path)
-    return mla.Model.from_pretrained(str(path)).float().eval()
+@pytest.mark.parametrize("rope", [None, MLA_YARN], ids=["plain", "yarn"])
+def test_mla_cached_decode(tmp_path, rope):
+    """Greedy decoding of 32 tokens from the latent cache, W_UK and W_UV absorbed into the query and the output,
+    equals the full (training-path) forward at every step; with YaRN too, whose mscale^2 the absorbed softmax
+    scale must carry (x1.21 here)."""
+    model = hf_deepseek_in_gaia(tmp_path, **({"rope_parameters": rope} if rope else {}))
+    check_cached_decode(model, MLA_VOCAB, new_tokens=32, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["absorbed", "expanded", "kv"])
-def test_mla_cached_decode(mla_decode_model, kind):
-    """Greedy decoding of 32 tokens from the cache equals the full (training-path) forward: the absorbed
-    latent cache (W_UK, W_UV folded into query and output), and the two uncompressed baselines."""
-    model = mla_decode_model
-    model.generate = functools.partial(mla.Model.generate, model, cache_kind=kind)
-    try:
-        check_cached_decode(model, MLA_VOCAB, new_tokens=32, atol=1e-4)
-    finally:
-        del model.generate
+@pytest.mark.parametrize("kind", ["expanded", "kv"])
+def test_mla_benchmark_baselines_decode_as_the_model(tmp_path, kind):
+    """benchmarks/mla_cache.py's two baselines (the latent cache re-expanded at each step, per-head K/V caching)
+    decode the same logits as the full forward, so its tokens/s compare equal work."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mla_cache", os.path.join(ROOT, "benchmarks", "mla_cache.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = hf_deepseek_in_gaia(tmp_path, rope_parameters=MLA_YARN)
+    model.make_cache = bench.decode_with(model, kind)
+    assert all(type(block.attn) is bench.ATTENTION[kind] for block in model.transformer.h)
+    check_cached_decode(model, MLA_VOCAB, new_tokens=32, atol=1e-4)
 
 
-def test_mla_cache_bytes(mla_decode_model):
-    """generate's cache holds exactly (kv_lora_rank + qk_rope_head_dim) * n_layer * dtype_size bytes per
-    token, measured from the tensors it allocated; the MHA-sized baseline holds n_head * (d_qk + d_v) per layer."""
-    model, c = mla_decode_model, mla_decode_model.config
+def test_mla_cache_bytes():
+    """make_cache(batch, max_len) holds n_layer * (kv_lora_rank + qk_rope_head_dim) * dtype_size bytes per token
+    (an int), what its tensors measure; generate decodes in such a cache."""
+    model = tiny_mla()
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        cache = model.to(dtype).make_cache(3, 10)
+        assert type(cache.bytes_per_token) is int and cache.latent.dtype == dtype
+        assert cache.bytes_per_token == 3 * (16 + 8) * size  # n_layer=3, kv_lora_rank=16, qk_rope_head_dim=8
+        tensors = [t for t in vars(cache).values() if torch.is_tensor(t)]
+        assert sum(t.numel() * t.element_size() for t in tensors) / (3 * 10) == cache.bytes_per_token
+        assert cache.nbytes == 3 * 10 * cache.bytes_per_token
+    model = tiny_mla()
     made = []
-    model.make_cache = lambda *a, **k: made.append(mla.Model.make_cache(model, *a, **k)) or made[-1]
-    try:
-        model.generate(torch.zeros(3, 4, dtype=torch.long), 5, temperature=0)
-    finally:
-        del model.make_cache
-    assert len(made) == 1 and made[0].absorb
-    assert made[0].bytes_per_token() == (16 + 8) * 3 * 4  # kv_lora_rank=16, qk_rope_head_dim=8, 3 layers, fp32
-    assert model.make_cache(2, 10, dtype=torch.bfloat16).bytes_per_token() == (16 + 8) * 3 * 2
-    mha = 3 * 4 * ((8 + 8) + 12) * 4  # n_layer * n_head * (qk_nope + qk_rope + v_head) * fp32
-    assert model.make_cache(2, 10, kind="kv").bytes_per_token() == mha
-    assert c.kv_lora_rank == 16 and c.qk_rope_head_dim == 8 and c.n_layer == 3
+    model.make_cache = lambda *a: made.append(mla.Model.make_cache(model, *a)) or made[-1]
+    model.generate(torch.zeros(3, 4, dtype=torch.long), 5, temperature=0)
+    assert len(made) == 1 and isinstance(made[0], mla.LatentCache) and made[0].pos == 9
 
 
 def test_mla_dispatch_matches_token_loop():
     """The sorted, dropless dispatch equals a slow loop over tokens and their chosen experts (outputs and grads)."""
     torch.manual_seed(0)
-    cfg = mla.Config(vocab_size=MLA_VOCAB, n_embd=16, moe_intermediate_size=8, n_routed_experts=6, num_experts_per_tok=2,
+    cfg = mla.Config(vocab_size=MLA_VOCAB, n_embd=16, moe_intermediate_size=8, n_experts=6, n_experts_per_tok=2,
                      n_group=3, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.0)
     moe = mla.MoE(cfg)
     for p in moe.parameters():
@@ -1981,13 +2015,69 @@ def test_mla_dispatch_matches_token_loop():
         torch.testing.assert_close(got, want)
 
 
+def test_mla_expert_load_counts_training_forwards_only():
+    """The expert load, what metrics() logs and what after_optimizer_step balances, is that of training
+    forwards: model.eval(), torch.no_grad() and generate leave both alone; the next training forward adds."""
+    model = tiny_mla(first_k_dense_replace=0)
+    moes = model.moe_layers()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, MLA_VOCAB, (2, 2, 16), generator=g)
+
+    def seen():
+        return torch.stack([moe.gate.load_since_update for moe in moes]).clone(), model.metrics()["expert_load"].clone()
+
+    model.train()
+    model(a)
+    counts, load = seen()
+    assert counts.sum(dim=1).tolist() == [2 * 16 * 2] * 3  # every token's n_experts_per_tok=2 choices, per layer
+    torch.testing.assert_close(load, counts / (2 * 16 * 2))
+    model.eval()
+    model(b)
+    model.train()
+    with torch.no_grad():
+        model(b)
+    model.generate(b[:, :4], 3, temperature=0)
+    after_eval = seen()
+    assert torch.equal(after_eval[0], counts) and torch.equal(after_eval[1], load)
+    model(b)
+    counts_b, load_b = seen()
+    assert counts_b.sum(dim=1).tolist() == [2 * 2 * 16 * 2] * 3
+    torch.testing.assert_close(load_b, (counts_b - counts) / (2 * 16 * 2))
+    assert not torch.equal(load_b, load)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=None, tie_word_embeddings=True, n_shared_experts=0,
+                                                first_k_dense_replace=2)])
+def test_mla_active_params_and_flops_formula(overrides):
+    """num_params(active=True), which flops_per_token and so the logged MFU rest on, against the count written
+    out from the config: attention, norms, dense SwiGLUs, and per MoE layer the router, the shared experts and
+    n_experts_per_tok routed experts (of n_experts)."""
+    kw = dict(n_experts=8, n_experts_per_tok=3, n_shared_experts=2, n_group=2, topk_group=2)
+    model = tiny_mla(**{**kw, **overrides})
+    c = model.config
+    C, H, V, q, r = c.n_embd, c.n_head, c.vocab_size, c.q_lora_rank, c.kv_lora_rank
+    dn, dr, dv = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    queries = C * q + q + q * H * (dn + dr) if q else C * H * (dn + dr)  # W_DQ, its norm, [W_UQ | W_QR]
+    attention = queries + C * (r + dr) + r + r * H * (dn + dv) + H * dv * C  # [W_DKV | W_KR], norm, [W_UK | W_UV], W_O
+    expert = 3 * C * c.moe_intermediate_size
+    n_dense, n_moe = c.first_k_dense_replace, c.n_layer - c.first_k_dense_replace
+    active = (c.n_layer * (attention + 2 * C) + n_dense * 3 * C * c.intermediate_size
+              + n_moe * (C * c.n_experts + (c.n_shared_experts + c.n_experts_per_tok) * expert)
+              + C + V * C)  # ln_f, lm_head (the token embedding is a lookup; tied, it is the head)
+    assert model.num_params(active=True) == active
+    assert model.num_params() == active + n_moe * (c.n_experts - c.n_experts_per_tok) * expert
+    assert model.num_params(non_embedding=False) == model.num_params() + (0 if c.tie_word_embeddings else V * C)
+    T = 64
+    assert model.flops_per_token(T) == 6 * active + 3 * c.n_layer * 2 * H * (dn + dr + dv) * T
+
+
 def _train_load_imbalance(bias_update, steps=60):
     """Train a tiny all-MoE model on random tokens; return mean over layers of max/mean expert load
-    measured afterwards on 256 sequences."""
+    measured afterwards on 256 sequences (a training-mode forward, without a step: what metrics() reports)."""
     torch.manual_seed(0)
     cfg = mla.Config(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, q_lora_rank=None,
                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, first_k_dense_replace=0,
-                     moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, bias_update_speed=0.005)
+                     moe_intermediate_size=16, n_experts=8, n_experts_per_tok=2, bias_update_speed=0.005)
     model = mla.Model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1234)
@@ -2000,9 +2090,7 @@ def _train_load_imbalance(bias_update, steps=60):
         opt.step()
         if bias_update:
             model.after_optimizer_step()
-    model.eval()
-    with torch.no_grad():
-        model(data[:, :-1])
+    model(data[:, :-1])
     load = model.metrics()["expert_load"]
     bias = torch.stack([moe.gate.e_score_correction_bias for moe in model.moe_layers()])
     return (load.max(dim=1).values / load.mean(dim=1)).mean().item(), bias
@@ -2055,21 +2143,98 @@ def test_mla_tp_plan(tmp_path):
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_mla_tp_worker, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2)
     errors, sharded = results.get()
-    assert sharded > 0
+    assert sharded == 2 * 5 + 3 + 3  # per layer W_UQ, W_QR, W_UK, W_UV, W_O; the dense and the shared SwiGLU
     bad = {n: e for n, e in errors.items() if e > 1e-5}
     assert not bad, f"tensor-parallel run differs from the single-rank model: {bad}"
 
 
-def test_mla_bad_config():
-    with pytest.raises(ValueError, match="n_group"):
-        mla.Config(n_routed_experts=8, n_group=3)
-    with pytest.raises(ValueError, match="qk_rope_head_dim"):
-        mla.Config(qk_rope_head_dim=7)
-    with pytest.raises(ValueError, match="num_experts_per_tok"):
-        mla.Config(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3)
-    model = mla.Model(mla.Config(vocab_size=MLA_VOCAB, block_size=8, n_embd=32))
+def test_mla_tp_plan_names_real_modules():
+    """The plan names modules this model has (dense and MoE layers hold different ones), each a Linear."""
+    for model in (tiny_mla(), tiny_mla(first_k_dense_replace=0, n_shared_experts=0)):
+        plan, modules = model.tp_plan(), dict(model.named_modules())
+        assert plan and all(isinstance(modules.get(name), torch.nn.Linear) for name in plan)
+        dense = model.config.first_k_dense_replace
+        assert sum(name.endswith("mlp.down_proj") for name in plan) == dense
+        assert sum("shared_experts" in name for name in plan) == 3 * (3 - dense) * (model.config.n_shared_experts > 0)
+
+
+BAD_MLA_CONFIGS = [
+    (dict(n_experts=8, n_experts_per_tok=9), "n_experts_per_tok=9"),
+    (dict(n_group=2, topk_group=3), "topk_group=3"),
+    (dict(kv_lora_rank=0), "kv_lora_rank=0"),
+    (dict(dropout=1.0), "dropout=1.0"),
+    (dict(dropout=-0.1), "dropout=-0.1"),
+    (dict(n_head=0), "n_head=0"),
+    (dict(block_size=0), "block_size=0"),
+    (dict(q_lora_rank=-1), "q_lora_rank=-1"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim=7"),
+    (dict(qk_rope_head_dim=0), "qk_rope_head_dim=0"),
+    (dict(qk_nope_head_dim=0), "qk_nope_head_dim=0"),
+    (dict(moe_intermediate_size=0), "moe_intermediate_size=0"),
+    (dict(n_experts=8, n_group=3), "n_group=3"),
+    (dict(n_experts=8, n_group=8, n_experts_per_tok=1), "n_group=8"),
+    (dict(n_experts=8, n_group=4, topk_group=1, n_experts_per_tok=3), "n_experts_per_tok=3"),
+    (dict(first_k_dense_replace=5), "first_k_dense_replace=5"),
+    (dict(first_k_dense_replace=-1), "first_k_dense_replace=-1"),
+    (dict(n_shared_experts=-1), "n_shared_experts=-1"),
+    (dict(norm_eps=0.0), "norm_eps=0.0"),
+    (dict(rope_theta=0.0), "rope_theta=0.0"),
+    (dict(rope_factor=0.5), "rope_factor=0.5"),
+    (dict(beta_fast=1.0, beta_slow=32.0), "beta_fast=1.0"),
+    (dict(mscale_all_dim=-1.0), "mscale_all_dim=-1.0"),
+    (dict(routed_scaling_factor=0.0), "routed_scaling_factor=0.0"),
+    (dict(bias_update_speed=-0.1), "bias_update_speed=-0.1"),
+]
+
+
+@pytest.mark.parametrize("bad, key", BAD_MLA_CONFIGS, ids=[k for _, k in BAD_MLA_CONFIGS])
+def test_mla_config_rejects_bad_values(bad, key):
+    """Each bad value fails when the Config is built, in one line that starts with the key and its value."""
+    with pytest.raises(ValueError) as error:
+        mla.Config(**bad)
+    message = str(error.value)
+    assert message.startswith(key + " ") and "\n" not in message, message
+
+
+def test_mla_config_defaults_rebuild_and_dense_only():
+    from dataclasses import asdict
+    c = mla.Config()
+    assert mla.Config(**asdict(c)) == c
+    assert mla.Config(q_lora_rank=0).q_lora_rank is None  # 0 and None: the full query projection
+    mla.Config(n_layer=2, first_k_dense_replace=2, n_experts=8, n_group=3)  # no MoE layer: routing keys unused
+
+
+def test_mla_bad_input(tmp_path):
+    model = tiny_mla(block_size=8)
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
+    (tmp_path / "mixtral").mkdir()
+    (tmp_path / "mixtral" / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    with pytest.raises(ValueError, match="holds a 'mixtral' model, not deepseek_v3; use --model=moe"):
+        mla.Model.from_pretrained(str(tmp_path / "mixtral"))
+    model.save_pretrained(str(tmp_path / "gaia"))
+    os.remove(tmp_path / "gaia" / "model.safetensors")
+    with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
+        mla.Model.from_pretrained(str(tmp_path / "gaia"))
+
+
+def test_mla_benchmarks_run(capsys):
+    """bench.py decode --model=mla reports the latent cache's bytes per token; bench.py mla runs its three caches."""
+    import bench
+    sys_argv = sys.argv
+    try:
+        for argv in (["bench.py", "decode", "--model=mla", "--context=4", "--new_tokens=3", "--no_cache_tokens=2",
+                      "--repeats=1", "--vocab_size=64", "--n_layer=2"],
+                     ["bench.py", "mla", "--contexts=8", "--new_tokens=2", "--repeats=1", "--vocab_size=64",
+                      "--n_layer=1", "--n_head=2", "--n_embd=32"]):
+            sys.argv = argv
+            bench.main()
+    finally:
+        sys.argv = sys_argv
+    out = capsys.readouterr().out
+    import re
+    assert re.search(r"default\s+[\d,]+\s+640\s", out), out  # 2 layers * (kv_lora_rank 64 + rope 16) * 4 bytes
+    assert "absorbed/expanded" in out and "70,272" in out  # DeepSeek-V3's shapes in bf16
 
 
 if __name__ == "__main__":
