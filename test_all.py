@@ -198,20 +198,29 @@ def test_gpt2_tokenizer_folder_corpus(tmp_path):
     assert np.fromfile(path, dtype=np.uint16).tolist() == expected
 
 
-# ------------------------------------------------------------------------------------- gpt2 vs transformers
+# ------------------------------------------------------------------------------------- gpt2.py
+# Tests of gpt2.py. References: transformers' GPT2LMHeadModel holding the same weights, the cache-free full
+# forward, GPT-2's tanh GELU formula in float64, and formulas for the parameter, FLOP and cache-byte counts.
 
-def test_gpt2_matches_transformers_and_round_trips(tmp_path):
+def tiny_gpt2(**overrides):
+    """A small random gpt2.Model for the tests: 2 layers, vocab 96, block_size 64."""
+    torch.manual_seed(0)
+    return gpt2.Model(gpt2.Config(**{**dict(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=32), **overrides}))
+
+
+@pytest.mark.parametrize("max_shard_size", [None, "20KB"], ids=["one-file", "sharded"])
+def test_gpt2_matches_transformers_and_round_trips(tmp_path, max_shard_size):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=3, n_head=4))
-    model = hf_roundtrip(gpt2, hf, tmp_path, vocab_size=101)
-    assert model.config.block_size == 48 and model.config.n_layer == 3
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=3, n_head=4,
+                                    layer_norm_epsilon=1e-4))
+    model = hf_roundtrip(gpt2, hf, tmp_path, vocab_size=101, max_shard_size=max_shard_size)
+    assert (model.config.block_size, model.config.n_layer, model.config.norm_eps) == (48, 3, 1e-4)
 
 
 def test_gpt2_without_bias_saves_a_transformers_model(tmp_path):
     from transformers import GPT2LMHeadModel
-    torch.manual_seed(0)
-    model = gpt2.Model(gpt2.Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False)).eval()
+    model = tiny_gpt2(vocab_size=50, block_size=16, n_head=2, bias=False).eval()
     model.save_pretrained(str(tmp_path))
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 50, (2, 16))
@@ -219,11 +228,142 @@ def test_gpt2_without_bias_saves_a_transformers_model(tmp_path):
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
 
 
-def test_gpt2_kv_cache_decode_matches_full_forward():
-    torch.manual_seed(0)
-    model = gpt2.Model(gpt2.Config(vocab_size=67, block_size=64, n_layer=2, n_head=4, n_embd=32))
-    check_cached_decode(model, vocab_size=67, prompt_len=5, new_tokens=40)
+def test_gpt2_rejects_unsupported_checkpoints(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for change, message in [({"model_type": "qwen3_moe"}, "holds a 'qwen3_moe' model, not gpt2; use --model=moe"),
+                            ({"model_type": "bert"}, "holds a 'bert' model, not gpt2; no gaia model file loads it"),
+                            ({"activation_function": "relu"}, "activation_function='relu'"),
+                            ({"n_inner": 64}, "n_inner=64 is not 4 \\* n_embd")]:
+        (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ValueError, match=message):
+            gpt2.Model.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
+        gpt2.Model.from_pretrained(str(tmp_path))
 
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"n_head": 0}, "n_head=0 must be >= 1"),
+    ({"n_layer": -1}, "n_layer=-1 must be >= 1"),
+    ({"n_embd": -8}, "n_embd=-8 must be >= 1"),
+    ({"block_size": 0}, "block_size=0 must be >= 1"),
+    ({"vocab_size": 0}, "vocab_size=0 must be >= 1"),
+    ({"n_embd": 1000, "n_head": 3}, "n_embd=1000 is not divisible by n_head=3; choose n_embd as a multiple of n_head "
+                                    "\\(e.g. --n_embd=999 or --n_head=4\\)"),
+    ({"n_embd": 2, "n_head": 4}, "n_embd=2 is not divisible by n_head=4.*--n_embd=4 or --n_head=2"),
+    ({"dropout": 2}, "dropout=2 must be in \\[0, 1\\); e.g. --dropout=0.1"),
+    ({"dropout": -0.1}, "dropout=-0.1 must be in \\[0, 1\\)"),
+    ({"norm_eps": 0.0}, "norm_eps=0.0 must be > 0"),
+])
+def test_gpt2_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        gpt2.Config(**overrides)
+
+
+def test_gpt2_config_rebuilds_from_its_dict():
+    import dataclasses
+    c = gpt2.Config(n_embd=48, n_head=3, bias=False, norm_eps=1e-6)
+    assert gpt2.Config(**dataclasses.asdict(c)) == c and c.head_dim == 16
+
+
+def test_gpt2_kv_cache_decode_matches_full_forward():
+    check_cached_decode(tiny_gpt2(vocab_size=67), vocab_size=67, prompt_len=5, new_tokens=40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt2_kv_cache_bytes(dtype):
+    """bytes_per_token = 2 (k and v) * n_layer * n_head * head_dim * dtype size, per token of one sequence; the cache
+    that generate() really allocates holds exactly that many bytes per token of each sequence."""
+    n_layer, n_head, n_embd, batch, prompt, new = 3, 4, 64, 2, 5, 4
+    model = tiny_gpt2(n_layer=n_layer, n_head=n_head, n_embd=n_embd).to(dtype).eval()
+    caches = []
+    make_cache = model.make_cache
+    model.make_cache = lambda *a: caches.append(make_cache(*a)) or caches[-1]
+    model.generate(torch.randint(0, 96, (batch, prompt)), new, temperature=0)
+    (cache,) = caches
+    per_token = 2 * n_layer * n_head * (n_embd // n_head) * torch.finfo(dtype).bits // 8
+    assert isinstance(cache.bytes_per_token, int) and cache.bytes_per_token == per_token
+    stored = sum(t.untyped_storage().nbytes() for t in (cache.k, cache.v))
+    assert cache.nbytes == stored == per_token * batch * (prompt + new)
+
+
+def test_gpt2_flops_per_token_formula():
+    c = gpt2.Config(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    m = gpt2.Model(c)
+    # parameters by hand: wte, per layer 2 LayerNorms + 4 attention Linears + 2 MLP Linears (with biases), ln_f
+    per_layer = 2 * 2 * 32 + 4 * (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)
+    n = 100 * 32 + 2 * per_layer + 2 * 32
+    assert m.num_params() == n
+    assert m.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
+
+
+# ------------------------------------------------------------------ gpt2.py's speed fence against the plain math
+
+def gelu_tanh_reference(x):
+    """GPT-2's gelu_new, as written in the paper's code."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+GELU_POINTS = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, 30, -30, 1e4, -1e4])])
+
+
+def test_gpt2_cpu_gelu_is_the_tanh_formula():
+    """The CPU fp32 branch (GELUTanhCPU, x * sigmoid(u) with a hand-written backward): values and gradients."""
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gpt2.GELUTanhCPU.apply, (x,))  # backward against finite differences
+    torch.testing.assert_close(gpt2.GELUTanhCPU.apply(x), gelu_tanh_reference(x), rtol=0, atol=1e-14)
+    # float32, the path training takes, over the whole range: values and gradients against the formula's autograd
+    x = torch.cat([GELU_POINTS, torch.tensor([1e30, -1e30])]).requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    y = gpt2.gelu_tanh(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    x64 = x.detach().double().requires_grad_()
+    y64 = gelu_tanh_reference(x64)
+    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    assert y.grad_fn.name() == "GELUTanhCPUBackward"  # the dispatch took this branch
+    torch.testing.assert_close(y.double(), y64.nan_to_num(), rtol=1e-6, atol=1e-6)  # 1e30^3 overflows the formula
+    torch.testing.assert_close(dx.double(), dx64.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -8)])
+def test_gpt2_gpu_gelu_is_the_tanh_formula(dtype, rtol):
+    """The branch GPUs, bf16/fp16 and torch.compile take (gelu_tanh_fused), called on the CPU: values within
+    rounding (bf16: half a unit in the last place) of the formula in float64, gradients within one unit."""
+    x = GELU_POINTS.to(dtype).requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = gpt2.gelu_tanh_fused(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    x64 = x.detach().double().requires_grad_()
+    y64 = gelu_tanh_reference(x64)
+    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    torch.testing.assert_close(y.double(), y64, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(dx.double(), dx64, rtol=2 * rtol, atol=1e-5)
+    if dtype == torch.bfloat16:  # the dispatch sends bf16 here, also on the CPU
+        assert gpt2.gelu_tanh(x).grad_fn.name() == y.grad_fn.name()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt2_fused_qkv_is_three_projections(bias):
+    """fused_qkv (one matmul over the concatenated weights) equals c_q(x), c_k(x), c_v(x): values and gradients.
+    Its tensor-parallel branch (DTensor weights) calls the three projections; the TP tests run it."""
+    torch.manual_seed(0)
+    c_q, c_k, c_v = (torch.nn.Linear(32, 32, bias=bias) for _ in range(3))
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    params = [x] + [p for m in (c_q, c_k, c_v) for p in m.parameters()]
+    grads_out = [torch.randn(2, 5, 32) for _ in range(3)]
+    fused = gpt2.fused_qkv(x, c_q, c_k, c_v)
+    plain = (c_q(x), c_k(x), c_v(x))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    grads = torch.autograd.grad(fused, params, grads_out)
+    for a, b in zip(grads, torch.autograd.grad(plain, params, grads_out)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- generation, for every model
 
 @pytest.mark.parametrize("model", [m for m in MODELS if "block_size" in config_keys(m)])
 def test_generation_past_block_size_slides_the_window(model):
@@ -287,37 +427,6 @@ def test_generate_passes_its_filters_to_sampling(model):
     greedy = m.generate(prompt, 6, temperature=0)
     assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_k=1), greedy)
     assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_p=1e-6), greedy)
-
-
-def test_gpt2_flops_per_token_formula():
-    c = gpt2.Config(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    m = gpt2.Model(c)
-    # parameters by hand: wte, per layer 2 LayerNorms + 4 attention Linears + 2 MLP Linears (with biases), ln_f
-    per_layer = 2 * 2 * 32 + 4 * (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)
-    n = 100 * 32 + 2 * per_layer + 2 * 32
-    assert m.num_params() == n
-    assert m.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
-
-
-def test_gpt2_cpu_gelu_is_the_tanh_formula():
-    import math
-    def reference(x):  # GPT-2's gelu_new, as written in the paper's code
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(gpt2.GELUTanhCPU.apply, (x,))  # backward against finite differences
-    torch.testing.assert_close(gpt2.GELUTanhCPU.apply(x), reference(x), rtol=0, atol=1e-14)
-    # float32, the path training takes, over the whole range: values and gradients against the formula's autograd
-    x = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, 30, -30, 1e4, -1e4, 1e30, -1e30])])
-    x.requires_grad_()
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    y = gpt2.gelu_tanh(x)
-    (dx,) = torch.autograd.grad(y, x, g)
-    x64 = x.detach().double().requires_grad_()
-    y64 = reference(x64)
-    (dx64,) = torch.autograd.grad(y64, x64, g.double())
-    assert y.grad_fn.name() == "GELUTanhCPUBackward"
-    torch.testing.assert_close(y.double(), y64.nan_to_num(), rtol=1e-6, atol=1e-6)  # 1e30^3 overflows the formula
-    torch.testing.assert_close(dx.double(), dx64.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- training, for every model
