@@ -371,9 +371,10 @@ QKV = ("c_q", "c_k", "c_v")  # their order in c_attn
 CONV1D = ("c_attn.weight", "c_fc.weight", "c_proj.weight")  # HF's Conv1D stores (in, out), nn.Linear (out, in)
 
 
-def layer_names(n_layer):
-    """HF_NAMES with {i} filled in for every layer: gaia parameter -> HF tensor name."""
-    return {ours.format(i=i): theirs.format(i=i) for ours, theirs in HF_NAMES.items() for i in range(n_layer)}
+def layer_names(model):
+    """HF_NAMES with {i} filled in for every layer: gaia parameter -> HF tensor name (biases too when bias=False:
+    GPT-2 has them, to_hf writes zeros)."""
+    return {ours.format(i=i): theirs.format(i=i) for ours, theirs in HF_NAMES.items() for i in range(model.config.n_layer)}
 
 
 def read_safetensors(path):
@@ -415,7 +416,7 @@ def from_hf(path):
     # the original OpenAI checkpoints name their tensors without the "transformer." prefix
     hf_state = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v
                 for k, v in read_safetensors(path).items()}
-    names = layer_names(model.config.n_layer)
+    names = layer_names(model)
     missing = sorted({theirs for theirs in names.values() if theirs not in hf_state})
     unused = [k for k in hf_state if k not in names.values() and k != "lm_head.weight"  # lm_head: tied to wte
               and not k.endswith((".attn.bias", ".attn.masked_bias"))]  # causal-mask buffers of old checkpoints
@@ -438,7 +439,7 @@ def to_hf(model, path):
     c = model.config
     own = model.state_dict()
     hf_state = {}
-    for ours, theirs in layer_names(c.n_layer).items():
+    for ours, theirs in layer_names(model).items():
         if ours in own:
             v = own[ours].detach().float().cpu()
         else:  # bias=False: GPT-2 always has biases, zeros compute the same function
