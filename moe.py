@@ -1,11 +1,12 @@
 """
 Sparse mixture-of-experts transformer (Mixtral, Jiang et al. 2024; Qwen3-MoE), in one file.
 
-The attention half of each block is Llama's: RMSNorm, rotary position embeddings, grouped-query
-attention (n_kv_head key/value heads shared by n_head query heads), optionally Qwen3's per-head RMSNorm
-of queries and keys (qk_norm). The feed-forward half is a sparse MoE layer: a linear router scores
-n_experts SwiGLU experts, each token goes to its top n_experts_per_tok of them (softmax first, then
-top-k, optionally renormalised: norm_topk_prob), and the experts' outputs are summed with those weights.
+Nearest gaia model: llama.py. The attention half of each block is Llama's: RMSNorm, rotary position
+embeddings, grouped-query attention (n_kv_head key/value heads shared by n_head query heads), optionally
+with Qwen3's per-head RMSNorm of queries and keys (qk_norm). The feed-forward half is where they differ:
+a sparse MoE layer instead of one SwiGLU MLP. A linear router scores n_experts SwiGLU experts, each token
+goes to its top n_experts_per_tok of them (softmax first, then top-k, optionally renormalised:
+norm_topk_prob), and the experts' outputs are summed with those weights.
 
 Dispatch is dropless (no capacity factor, no token is ever dropped) and vectorised: the N*k
 (token, expert) pairs are sorted by expert so every expert multiplies one contiguous slice of rows,
@@ -23,13 +24,12 @@ For a single layer the balancing loss equals transformers' load_balancing_loss_f
 layers transformers pools f and P over all layers before the product; gaia averages the per-layer
 losses instead, so every layer is balanced on its own (one layer's imbalance cannot hide another's).
 
-Loads and saves the Hugging Face MixtralForCausalLM (qk_norm=False) and Qwen3MoeForCausalLM
-(qk_norm=True) layouts. The model contract every gaia model follows is in README.md.
+Loads and saves the Hugging Face MixtralForCausalLM (qk_norm=False) and Qwen3MoeForCausalLM (qk_norm=True)
+layouts (interop at the end of the file).
 """
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,8 @@ class Config:
     n_kv_head: int = 2           # key/value heads: = n_head is MHA, a divisor of it GQA, 1 is MQA
     n_embd: int = 128
     head_dim: int | None = None  # None: n_embd // n_head (Qwen3-MoE sets it explicitly)
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
     n_experts: int = 8
     n_experts_per_tok: int = 2   # k of top-k routing
     intermediate_size: int = 256  # hidden width of each SwiGLU expert
@@ -54,9 +56,42 @@ class Config:
     aux_loss_coef: float = 0.01  # Switch Transformer's load-balancing loss weight (their 1e-2)
     z_loss_coef: float = 0.001   # ST-MoE's router z-loss weight (their 1e-3)
     rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
-    dropout: float = 0.0
+
+    def __post_init__(self):
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "n_experts",
+                    "n_experts_per_tok", "intermediate_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:  # None: vocab_size set by train.py, head_dim derived below
+                raise ValueError(f"{key}={value} must be >= 1")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                near = min((d for d in range(1, self.n_embd + 1) if self.n_embd % d == 0),
+                           key=lambda d: (abs(d - self.n_head), -d))  # the divisor of n_embd nearest n_head
+                raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; choose n_embd as a "
+                                 f"multiple of n_head (e.g. --n_embd={self.n_embd // self.n_head * self.n_head or self.n_head} "
+                                 f"or --n_head={near}), or set --head_dim")
+            self.head_dim = self.n_embd // self.n_head
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} is odd; RoPE turns pairs of dimensions, so choose an even head_dim "
+                             f"(n_embd / n_head, or --head_dim)")
+        if self.n_head % self.n_kv_head:
+            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            raise ValueError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}; n_kv_head must divide "
+                             f"n_head (e.g. {', '.join(map(str, divisors[:-1]))} or {divisors[-1]})")
+        if self.n_experts_per_tok > self.n_experts:
+            raise ValueError(f"n_experts_per_tok={self.n_experts_per_tok} is more than n_experts={self.n_experts}; each "
+                             f"token picks n_experts_per_tok of the experts (e.g. --n_experts_per_tok={self.n_experts} "
+                             f"or --n_experts={self.n_experts_per_tok})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1); e.g. --dropout=0.1")
+        for key in ("norm_eps", "rope_theta"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be > 0; e.g. --{key}={getattr(Config, key)}")
+        for key in ("aux_loss_coef", "z_loss_coef"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0 (0 turns that loss off); "
+                                 f"e.g. --{key}={getattr(Config, key)}")
 
 
 # Config fields that weight the training loss, not the weights: fine-tuning a Hugging Face checkpoint may set them
@@ -75,20 +110,19 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta):
-    """cos, sin (T, head_dim) of the rotation angles positions * theta^(-2i/head_dim), in fp32. The two
-    halves of head_dim repeat the same frequencies: HF's layout, where dim i pairs with dim i + head_dim/2."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim)
-    return angles.cos(), angles.sin()
+def rope_frequencies(config, dim):
+    """Inverse frequencies (dim/2,) of plain RoPE (Su et al. 2021): pair i turns by pos * theta^(-2i/dim)."""
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (x_i, x_{i + head_dim/2}) pair of x (B, n_head, T, head_dim) by its angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """x (B, T, n_head, dim) rotated by position: pairs (i, i + dim/2) turn by angle pos * inv_freq[i]."""
+    return x * cos + rotate_half(x) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,8 +149,10 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: (B, heads, T, head_dim)
+        # cos, sin (T, head_dim) -> (T, 1, head_dim): every head alike; in q's dtype (bf16 under autocast)
+        cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: (B, heads, T, head_dim)
         mask = None
         if cache is not None:
             k, v, mask = cache.update(layer, k, v)  # the whole prefix, still n_kv_head heads
@@ -126,51 +162,6 @@ class CausalSelfAttention(nn.Module):
                                            enable_gqa=self.n_rep > 1)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * head_dim)
         return self.resid_dropout(self.o_proj(y))
-
-
-def expert_matmul(x, w, counts, use_grouped_mm):
-    """Rows sorted by expert, counts[e] of them for expert e, each times its expert's matrix:
-    x (R, in), w (n_experts, out, in) -> (R, out), rows of expert e multiplied by w[e].T."""
-    if use_grouped_mm:  # one call; the kernel reads each expert's slice from the offsets
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
-    # one matmul per expert on its contiguous slice. unbind, not w[e]: its backward stacks the experts'
-    # gradients once instead of writing each into a fresh full-size zero tensor
-    return torch.cat([xe @ we.t() for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
-
-
-_grouped_mm_verdicts = {}  # (device type, dtype) -> whether torch._grouped_mm ran correctly there
-
-
-def grouped_mm_works(x, config):
-    """Whether torch._grouped_mm can run this layer on x's device and dtype. Kernels exist for bf16 on CUDA
-    (compute capability 8.0+ from torch 2.9) and on the CPU (where it beats the slice loop by a few percent);
-    rows must be 16-byte aligned. Rather than trust a version table, one tiny trial call (forward and
-    backward, checked against plain matmuls) decides, once per device type and dtype."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    align = 16 // x.element_size()
-    if config.n_embd % align or config.intermediate_size % align:
-        return False
-    if torch.compiler.is_compiling():  # no trial calls while tracing; inductor lowers grouped_mm for bf16 only
-        return x.is_cuda and x.dtype == torch.bfloat16
-    key = (x.device.type, x.dtype)
-    if key not in _grouped_mm_verdicts:
-        _grouped_mm_verdicts[key] = _try_grouped_mm(x.device, x.dtype)
-    return _grouped_mm_verdicts[key]
-
-
-def _try_grouped_mm(device, dtype):
-    # small integers: every product and sum is exact in bf16 too; no RNG, so training's random stream is untouched
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        a = (torch.arange(6 * 16, device=device) % 5 - 2).to(dtype).view(6, 16).requires_grad_()
-        b = (torch.arange(2 * 16 * 8, device=device) % 3 - 1).to(dtype).view(2, 16, 8).requires_grad_()
-        try:
-            out = torch._grouped_mm(a, b, offs=torch.tensor([2, 6], dtype=torch.int32, device=device))
-            out.backward(torch.ones_like(out))
-        except (RuntimeError, NotImplementedError):
-            return False
-        return (torch.equal(out, torch.cat([a[:2] @ b[0], a[2:] @ b[1]]))
-                and torch.equal(b.grad[0], a[:2].t() @ torch.ones(2, 8, device=device, dtype=dtype)))
 
 
 class MoE(nn.Module):
@@ -184,7 +175,7 @@ class MoE(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, I, C))
         self.up_proj = nn.Parameter(torch.empty(E, I, C))
         self.down_proj = nn.Parameter(torch.empty(E, C, I))
-        self.use_grouped_mm = None  # None: grouped_mm_works() decides; True/False forces a path (tests, benchmarks)
+        self.use_grouped_mm = None  # None: probed (speed fence); True/False forces a path (tests, benchmarks)
         self.load = None  # (E,) fraction of the last forward's routed tokens per expert (detached)
 
     def forward(self, x):
@@ -204,21 +195,19 @@ class MoE(nn.Module):
         token = order // k  # (N*k,) the token of each sorted row
         counts = torch.bincount(pair_expert, minlength=E)  # (E,) rows per expert
         xs = x.index_select(0, token)  # (N*k, C) the tokens, grouped by expert
-        if torch.is_autocast_enabled(xs.device.type):  # grouped_mm is not autocast-aware: cast by hand
-            xs = xs.to(torch.get_autocast_dtype(xs.device.type))
-        grouped = grouped_mm_works(xs, self.config) if self.use_grouped_mm is None else self.use_grouped_mm
-        # gate and up as two matmuls, not one fused (2I)-wide one: its chunk's backward would copy a (N*k, 2I)
-        # gradient, where two matmuls' input gradients add up in a (N*k, C) one (CPU: 3-11% faster per layer
-        # with 8 wide experts, even with 64 narrow ones)
-        gate = expert_matmul(xs, self.gate_proj.to(xs.dtype), counts, grouped)  # (N*k, I)
-        up = expert_matmul(xs, self.up_proj.to(xs.dtype), counts, grouped)  # (N*k, I)
+        # expert_matmul(rows, w, counts): the counts[e] rows of expert e times w[e].T, for every e (a loop over
+        # experts or one grouped_mm, below the speed fence). Gate and up as two matmuls, not one fused (2I)-wide
+        # one: its chunk's backward would copy a (N*k, 2I) gradient, where two matmuls' input gradients add up in
+        # a (N*k, C) one (CPU: 3-11% faster per layer with 8 wide experts, even with 64 narrow ones)
+        gate = expert_matmul(xs, self.gate_proj, counts, self.use_grouped_mm)  # (N*k, I)
+        up = expert_matmul(xs, self.up_proj, counts, self.use_grouped_mm)  # (N*k, I)
         h = F.silu(gate) * up  # (N*k, I) each expert's SwiGLU
         # each row is scaled by its routing weight; the down projection is linear, so do it on the narrower side
-        scale = weights.flatten()[order].unsqueeze(1).to(xs.dtype)  # (N*k, 1)
+        scale = weights.flatten()[order].unsqueeze(1).to(h.dtype)  # (N*k, 1)
         narrow_hidden = h.shape[1] < C
         if narrow_hidden:
             h = h * scale
-        ys = expert_matmul(h, self.down_proj.to(xs.dtype), counts, grouped)  # (N*k, C)
+        ys = expert_matmul(h, self.down_proj, counts, self.use_grouped_mm)  # (N*k, C)
         if not narrow_hidden:
             ys = ys * scale
         # each token sums its k experts' rows (on a GPU in an atomic, run-to-run varying order for k > 2,
@@ -239,13 +228,13 @@ class Block(nn.Module):
         self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
-        self.moe = MoE(config)
-        self.moe_dropout = nn.Dropout(config.dropout)
+        self.mlp = MoE(config)
+        self.mlp_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), cos, sin, cache, layer)
-        y, aux_loss, z_loss = self.moe(self.ln_2(x))
-        return x + self.moe_dropout(y), aux_loss, z_loss
+        y, aux_loss, z_loss = self.mlp(self.ln_2(x))
+        return x + self.mlp_dropout(y), aux_loss, z_loss
 
 
 class KVCache:
@@ -256,6 +245,17 @@ class KVCache:
         self.k = torch.empty(n_layer, batch, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.pos = 0  # tokens stored so far
+
+    @property
+    def nbytes(self):
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def bytes_per_token(self):
+        """Bytes the cache holds per token of one sequence, all layers: 2 (k, v) * n_layer * n_kv_head * head_dim *
+        dtype size."""
+        n_layer, _, n_kv_head, _, head_dim = self.k.shape
+        return 2 * n_layer * n_kv_head * head_dim * self.k.element_size()
 
     def update(self, layer, k, v):
         T = k.shape[2]
@@ -272,19 +272,6 @@ class KVCache:
 class Model(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.head_dim is None:
-            if config.n_embd % config.n_head:
-                raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}; "
-                                 f"change one of them or set head_dim")
-            config.head_dim = config.n_embd // config.n_head
-        if config.n_head % config.n_kv_head:
-            raise ValueError(f"n_head={config.n_head} is not a multiple of n_kv_head={config.n_kv_head}; "
-                             f"pick n_kv_head among the divisors of n_head")
-        if config.head_dim % 2:
-            raise ValueError(f"head_dim={config.head_dim} is odd; RoPE rotates pairs of dimensions, make it even")
-        if not 1 <= config.n_experts_per_tok <= config.n_experts:
-            raise ValueError(f"n_experts_per_tok={config.n_experts_per_tok} must be between 1 and "
-                             f"n_experts={config.n_experts}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -295,12 +282,32 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # RoPE's cos and sin of every position, (block_size, head_dim) in HF's rotate-half layout; not saved
+        angles = torch.arange(config.block_size, dtype=torch.float32)[:, None] * rope_frequencies(config, config.head_dim)
+        angles = torch.cat((angles, angles), dim=-1)  # dims i and i + head_dim/2 turn by the same angle
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        # as GPT-2: the projections that write into the residual stream get 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
-            if p.dim() >= 2:  # matrices; RMSNorm gains stay at 1
-                # as GPT-2: the projections that write into the residual stream get 1/sqrt(2 * n_layer)
-                residual = name.endswith(("o_proj.weight", "down_proj"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02)
+            if name.endswith(("o_proj.weight", "down_proj")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self._metrics = {}
+
+    def _init_weights(self, module):
+        """GPT-2's init, as gpt2.py:
+        | tensor                                            | init                                                   |
+        | Linear weights (q, k, v_proj, router, lm_head)    | normal(0, 0.02)                                        |
+        | o_proj weight                                     | normal(0, 0.02 / sqrt(2 * n_layer)), in __init__ after |
+        | experts' gate_proj, up_proj (n_experts, out, in)  | normal(0, 0.02)                                        |
+        | experts' down_proj                                | normal(0, 0.02 / sqrt(2 * n_layer)), in __init__ after |
+        | wte (= lm_head if tied)                           | normal(0, 0.02)                                        |
+        | RMSNorm gains (ln_1, ln_2, ln_f, q_norm, k_norm)  | 1 (RMSNorm's own)                                      |"""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, MoE):
+            for w in (module.gate_proj, module.up_proj, module.down_proj):
+                nn.init.normal_(w, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None):
         B, T = idx.shape
@@ -309,7 +316,7 @@ class Model(nn.Module):
         if start + T > c.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={c.block_size}; "
                              f"crop the input or build the model with a larger block_size")
-        cos, sin = rope_cos_sin(torch.arange(start, start + T, device=idx.device), c.head_dim, c.rope_theta)
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, head_dim) the positions of idx
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         aux_loss = z_loss = 0.0
         for i, block in enumerate(self.transformer.h):
@@ -319,7 +326,7 @@ class Model(nn.Module):
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T
-        load = torch.stack([block.moe.load for block in self.transformer.h])  # (n_layer, n_experts)
+        load = torch.stack([block.mlp.load for block in self.transformer.h])  # (n_layer, n_experts)
         self._metrics = dict(expert_load=load,
                              # how much busier the busiest expert is than a balanced one (1 = perfect), mean over layers
                              expert_imbalance=(load.amax(dim=1) * c.n_experts).mean(),
@@ -335,6 +342,33 @@ class Model(nn.Module):
         of routed tokens each expert got; expert_imbalance, max/mean load averaged over layers; aux_loss,
         z_loss, unweighted means over layers."""
         return dict(self._metrics)
+
+    def make_cache(self, batch, max_len):
+        """An empty KV cache for batch sequences of up to max_len tokens, n_kv_head heads per layer, in the
+        parameters' dtype and device."""
+        c = self.config
+        param = self.lm_head.weight
+        return KVCache(c.n_layer, batch, c.n_kv_head, max_len, c.head_dim, param.device, param.dtype)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, return_logits=False):
+        """Continue idx (B, T) by max_new_tokens tokens; temperature=0 is greedy decoding.
+        return_logits=True also returns the logits each new token was drawn from, (B, max_new_tokens, vocab)."""
+        block_size = self.config.block_size
+        max_len = min(idx.shape[1] + max_new_tokens, block_size)
+        cache = self.make_cache(idx.shape[0], max_len)
+        logits, _ = self(idx[:, -block_size:], cache=cache)
+        steps = []
+        for _ in range(max_new_tokens):
+            steps.append(logits[:, -1, :])
+            next_token = sample(logits[:, -1, :], temperature, top_k, top_p)
+            idx = torch.cat((idx, next_token), dim=1)
+            if cache.pos == max_len:  # the context is full: nanoGPT's crop, the last block_size tokens afresh
+                cache = self.make_cache(idx.shape[0], max_len)
+                logits, _ = self(idx[:, -block_size:], cache=cache)
+            else:
+                logits, _ = self(next_token, cache=cache)
+        return (idx, torch.stack(steps, dim=1)) if return_logits else idx
 
     def num_params(self, non_embedding=True, active=False):
         """Parameters, without the token embedding by default (it is a lookup, not a matmul; if it is tied
@@ -362,7 +396,8 @@ class Model(nn.Module):
         and experts stay replicated: every rank runs the whole MoE on every token of the gathered sequence
         (correct, not sharded; expert parallelism would be the way to split them) and keeps its own slice of
         the output. With qk_norm, the q_norm/k_norm gains are shared by all heads while each rank holds some
-        heads, so their gradients are summed over the TP group (see below)."""
+        heads: as DTensors split on the heads dim (dim 2 of (B, T, heads, head_dim)), their gradients are
+        summed over the TP group."""
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                        RowwiseParallel, SequenceParallel)
@@ -372,186 +407,32 @@ class Model(nn.Module):
                                       desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1),
                                       use_local_output=True)
 
-        plan = {"transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+        heads = SequenceParallel(sequence_dim=2, use_local_output=True)  # qk_norm's gains, see above
+        return {"transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+                "transformer.h.*.ln_1": SequenceParallel(use_local_output=True),
+                "transformer.h.*.attn": gather(5),  # (x, cos, sin, cache, layer)
+                "transformer.h.*.attn.q_proj": ColwiseParallel(),
+                "transformer.h.*.attn.k_proj": ColwiseParallel(),
+                "transformer.h.*.attn.v_proj": ColwiseParallel(),
+                **({"transformer.h.*.attn.q_norm": heads, "transformer.h.*.attn.k_norm": heads}
+                   if self.config.qk_norm else {}),
+                "transformer.h.*.attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+                "transformer.h.*.ln_2": SequenceParallel(use_local_output=True),
+                "transformer.h.*.mlp": gather(1),
+                # the MoE's output is whole on every rank: keep this rank's slice of the sequence
+                "transformer.h.*.mlp_dropout": PrepareModuleInput(input_layouts=(Replicate(),),
+                                                                  desired_input_layouts=(Shard(1),),
+                                                                  use_local_output=True),
                 "transformer.ln_f": SequenceParallel(use_local_output=True),
                 "lm_head": gather(1)}
-        for i in range(self.config.n_layer):
-            p = f"transformer.h.{i}."
-            plan.update({p + "ln_1": SequenceParallel(use_local_output=True),
-                         p + "attn": gather(5),  # (x, cos, sin, cache, layer)
-                         p + "attn.q_proj": ColwiseParallel(), p + "attn.k_proj": ColwiseParallel(),
-                         p + "attn.v_proj": ColwiseParallel(), p + "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-                         p + "ln_2": SequenceParallel(use_local_output=True),
-                         p + "moe": gather(1),
-                         # the MoE's output is whole on every rank: keep this rank's slice of the sequence
-                         p + "moe_dropout": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                                               use_local_output=True)})
-            if self.config.qk_norm:  # one gain for every head, each rank holding some heads (dim 2 of (B, T, heads,
-                # head_dim)): as DTensors split on that dim, the gain's gradient is summed over the TP group
-                plan.update({p + "attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
-                             p + "attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True)})
-        return plan
-
-    # ---------------------------------------------------------------- generation with a KV cache
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, return_logits=False):
-        """Continue idx (B, T) by max_new_tokens tokens; temperature=0 is greedy decoding.
-        return_logits=True also returns the logits each new token was drawn from, (B, max_new_tokens, vocab)."""
-        c = self.config
-        B = idx.shape[0]
-        param = self.lm_head.weight
-        max_len = min(idx.shape[1] + max_new_tokens, c.block_size)
-        cache = KVCache(c.n_layer, B, c.n_kv_head, max_len, c.head_dim, param.device, param.dtype)
-        logits, _ = self(idx[:, -c.block_size:], cache=cache)
-        steps = []
-        for _ in range(max_new_tokens):
-            steps.append(logits[:, -1, :])
-            next_token = sample(logits[:, -1, :], temperature, top_k, top_p)
-            idx = torch.cat((idx, next_token), dim=1)
-            if cache.pos == max_len:
-                # the context is full: the window slides, positions shift, so the prefix is recomputed
-                cache.pos = 0
-                logits, _ = self(idx[:, -c.block_size:], cache=cache)  # nanoGPT's crop: the last block_size tokens
-            else:
-                logits, _ = self(next_token, cache=cache)
-        return (idx, torch.stack(steps, dim=1)) if return_logits else idx
-
-    # ---------------------------------------------------------------- Hugging Face interop
-
-    # gaia name -> transformers name, for everything but the experts
-    HF_NAMES = [("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
-                ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."), (".attn.", ".self_attn."),
-                (".ln_2.", ".post_attention_layernorm."), (".moe.router.", ".mlp.gate.")]
 
     @classmethod
-    def from_pretrained(cls, path, **overrides):
-        """Load a local Hugging Face MixtralForCausalLM or Qwen3MoeForCausalLM directory (config.json +
-        model.safetensors, or sharded with model.safetensors.index.json)."""
-        from safetensors.torch import load_file
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        kind = hf.get("model_type")
-        if kind not in ("mixtral", "qwen3_moe"):
-            raise ValueError(f"{path} holds a {kind!r} model; gaia's moe.py loads mixtral and qwen3_moe checkpoints")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={hf['hidden_act']!r}: gaia's moe.py has SwiGLU (silu) experts only")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope type {rope_type!r} is not supported; gaia's moe.py has plain RoPE")
-        window = hf.get("sliding_window") if kind == "mixtral" or hf.get("use_sliding_window") else None
-        if window is not None and window < hf["max_position_embeddings"]:
-            raise ValueError(f"sliding_window={window} is not supported; gaia's moe.py attends to the whole context")
-        if kind == "qwen3_moe":
-            if hf.get("attention_bias"):
-                raise ValueError("attention_bias=True is not supported; gaia's moe.py has bias-free projections")
-            if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-                raise ValueError("dense (non-MoE) layers (mlp_only_layers, decoder_sparse_step > 1) are not "
-                                 "supported; gaia's moe.py puts an MoE layer in every block")
-        config = Config(
-            vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-            n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
-            head_dim=hf.get("head_dim"),
-            n_experts=hf.get("num_local_experts") or hf.get("num_experts"),  # Qwen3 configs name it num_experts
-            n_experts_per_tok=hf["num_experts_per_tok"],
-            intermediate_size=hf["moe_intermediate_size"] if kind == "qwen3_moe" else hf["intermediate_size"],
-            norm_topk_prob=hf.get("norm_topk_prob", False) if kind == "qwen3_moe" else True,
-            qk_norm=kind == "qwen3_moe",
-            # Mixtral's router_jitter_noise (multiplicative noise on the router input while training) is not
-            # implemented: it never changes the logits of a loaded model
-            aux_loss_coef=hf.get("router_aux_loss_coef", 0.001), dropout=0.0,
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e6 if kind == "mixtral" else 1e4)),
-            norm_eps=hf.get("rms_norm_eps", 1e-5 if kind == "mixtral" else 1e-6),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False))
-        for k, v in overrides.items():
-            setattr(config, k, v)
-        model = cls(config)
-
-        index = os.path.join(path, "model.safetensors.index.json")
-        files = ["model.safetensors"]
-        if not os.path.exists(os.path.join(path, files[0])) and os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for file in files:
-            state.update(load_file(os.path.join(path, file)))
-        own, experts = {}, {}  # experts[(layer, expert or None, projection)] = tensor
-        for k, v in state.items():
-            k = k.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's older module name
-            m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.)?(\w+?)(?:\.weight)?", k)
-            if m:  # one expert's w1/w2/w3 (Mixtral) or gate/up/down_proj (Qwen3), or all experts fused (3-D)
-                layer, e, name = int(m[1]), m[2] and int(m[2]), m[3]
-                experts[layer, e, dict(w1="gate_proj", w3="up_proj", w2="down_proj").get(name, name)] = v
-                continue
-            for ours, theirs in reversed(cls.HF_NAMES):
-                k = k.replace(theirs, ours)
-            own[k] = v
-        for i in range(config.n_layer):
-            p = f"transformer.h.{i}.moe."
-            if (i, None, "gate_up_proj") in experts:  # transformers 5's in-memory layout: (E, 2I, C), gate first
-                own[p + "gate_proj"], own[p + "up_proj"] = experts[i, None, "gate_up_proj"].chunk(2, dim=1)
-                own[p + "down_proj"] = experts[i, None, "down_proj"]
-            elif (i, 0, "gate_proj") in experts:  # one (out, in) matrix per expert: stack them
-                for name in ("gate_proj", "up_proj", "down_proj"):
-                    own[p + name] = torch.stack([experts[i, e, name] for e in range(config.n_experts)])
-        if config.tie_word_embeddings:
-            own.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(own, strict=False)
-        missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-        if missing or unexpected:
-            raise ValueError(f"{path} does not match the {kind} layout: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        return model
+    def from_pretrained(cls, path):
+        """A local Hugging Face directory (config.json + safetensors, sharded or not); interop below the fence."""
+        return from_hf(path)
 
     def save_pretrained(self, path):
-        """Write a Hugging Face directory that transformers' from_pretrained loads: MixtralForCausalLM, or
-        Qwen3MoeForCausalLM when qk_norm=True. Experts are written one tensor per expert and projection, the
-        layout transformers itself saves (its 5.x loader fuses them into 3-D tensors; 4.x reads them as is)."""
-        from safetensors.torch import save_file
-        c = self.config
-        qwen = c.qk_norm
-        if not qwen and not c.norm_topk_prob:
-            raise ValueError("Mixtral always renormalises the top-k weights and only Qwen3-MoE (qk_norm=True) has "
-                             "norm_topk_prob=False; no transformers model matches qk_norm=False, norm_topk_prob=False")
-        os.makedirs(path, exist_ok=True)
-        mlp = ".mlp." if qwen else ".block_sparse_moe."
-        names = dict(gate_proj="gate_proj", up_proj="up_proj", down_proj="down_proj") if qwen else \
-            dict(gate_proj="w1", up_proj="w3", down_proj="w2")
-        state = {}
-        for k, v in self.state_dict().items():
-            v = v.detach().cpu()
-            m = re.fullmatch(r"transformer\.h\.(\d+)\.moe\.(gate_proj|up_proj|down_proj)", k)
-            if m:  # (E, out, in) -> one (out, in) matrix per expert
-                for e in range(c.n_experts):
-                    state[f"model.layers.{m[1]}{mlp}experts.{e}.{names[m[2]]}.weight"] = v[e]
-                continue
-            if k == "lm_head.weight" and c.tie_word_embeddings:
-                continue
-            for ours, theirs in self.HF_NAMES:
-                k = k.replace(ours, theirs)
-            state[k.replace(".mlp.", mlp)] = v
-        state = {k: v.contiguous() for k, v in state.items()}
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        hf = dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, hidden_size=c.n_embd,
-                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-                  head_dim=c.head_dim, num_experts_per_tok=c.n_experts_per_tok, hidden_act="silu",
-                  rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                  rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta),
-                  tie_word_embeddings=c.tie_word_embeddings, router_aux_loss_coef=c.aux_loss_coef,
-                  attention_dropout=0.0, initializer_range=0.02, sliding_window=None,
-                  dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
-        if qwen:
-            hf.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=c.n_experts,
-                      moe_intermediate_size=c.intermediate_size, intermediate_size=c.intermediate_size,
-                      norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
-                      attention_bias=False, use_sliding_window=False)
-        else:
-            hf.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=c.n_experts,
-                      intermediate_size=c.intermediate_size, router_jitter_noise=0.0)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
+        to_hf(self, path)
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
@@ -570,3 +451,229 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# === speed: the same math, faster ===
+
+def expert_matmul(x, w, counts, use_grouped_mm=None):
+    """Rows sorted by expert, counts[e] of them for expert e, each times its expert's matrix:
+    x (R, in), w (n_experts, out, in) -> (R, out), the rows of expert e multiplied by w[e].T. One
+    torch._grouped_mm call where it runs (use_grouped_mm=None probes that), else a loop over experts."""
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast by hand
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    w = w.to(x.dtype)
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_works(x, w)
+    if use_grouped_mm:  # one call; the kernel reads each expert's slice from the offsets
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    # one matmul per expert on its contiguous slice. unbind, not w[e]: its backward stacks the experts'
+    # gradients once instead of writing each into a fresh full-size zero tensor
+    return torch.cat([xe @ we.t() for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
+
+
+_grouped_mm_verdicts = {}  # (device type, dtype) -> whether torch._grouped_mm ran correctly there
+
+
+def grouped_mm_works(x, w):
+    """Whether torch._grouped_mm can multiply x (R, in) by the experts' w (n_experts, out, in) on x's device and
+    dtype. Kernels exist for bf16 on CUDA (compute capability 8.0+ from torch 2.9) and on the CPU (where it beats
+    the slice loop by a few percent); rows must be 16-byte aligned. Rather than trust a version table, one tiny
+    trial call (forward and backward, checked against plain matmuls) decides, once per device type and dtype."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    align = 16 // x.element_size()
+    if w.shape[1] % align or w.shape[2] % align:
+        return False
+    if torch.compiler.is_compiling():  # no trial calls while tracing; inductor lowers grouped_mm for bf16 only
+        return x.is_cuda and x.dtype == torch.bfloat16
+    key = (x.device.type, x.dtype)
+    if key not in _grouped_mm_verdicts:
+        _grouped_mm_verdicts[key] = _try_grouped_mm(x.device, x.dtype)
+    return _grouped_mm_verdicts[key]
+
+
+def _try_grouped_mm(device, dtype):
+    # small integers: every product and sum is exact in bf16 too; no RNG, so training's random stream is untouched
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        a = (torch.arange(6 * 16, device=device) % 5 - 2).to(dtype).view(6, 16).requires_grad_()
+        b = (torch.arange(2 * 16 * 8, device=device) % 3 - 1).to(dtype).view(2, 16, 8).requires_grad_()
+        try:
+            out = torch._grouped_mm(a, b, offs=torch.tensor([2, 6], dtype=torch.int32, device=device))
+            out.backward(torch.ones_like(out))
+        except (RuntimeError, NotImplementedError):
+            return False
+        return (torch.equal(out, torch.cat([a[:2] @ b[0], a[2:] @ b[1]]))
+                and torch.equal(b.grad[0], a[:2].t() @ torch.ones(2, 8, device=device, dtype=dtype)))
+
+
+# === Hugging Face interop: not needed to understand the model ===
+
+HF_CONFIG = {"vocab_size": "vocab_size", "block_size": "max_position_embeddings", "n_layer": "num_hidden_layers",
+             "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
+             "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "n_experts_per_tok": "num_experts_per_tok",
+             "aux_loss_coef": "router_aux_loss_coef", "rope_theta": "rope_theta",
+             "tie_word_embeddings": "tie_word_embeddings"}
+# what the two families name, fix and default differently (defaults: transformers', for keys a config.json omits)
+HF_FAMILIES = {
+    "mixtral": dict(architecture="MixtralForCausalLM",
+                    config={"n_experts": "num_local_experts", "intermediate_size": "intermediate_size"},
+                    fixed=dict(qk_norm=False, norm_topk_prob=True),  # Mixtral always renormalises the top k
+                    defaults={"rope_theta": 1e6, "rms_norm_eps": 1e-5, "router_aux_loss_coef": 0.001}),
+    "qwen3_moe": dict(architecture="Qwen3MoeForCausalLM",
+                      config={"n_experts": "num_experts", "intermediate_size": "moe_intermediate_size",
+                              "norm_topk_prob": "norm_topk_prob"},
+                      fixed=dict(qk_norm=True),
+                      defaults={"rope_theta": 1e4, "rms_norm_eps": 1e-6, "router_aux_loss_coef": 0.001,
+                                "norm_topk_prob": False}),
+}
+
+HF_NAMES = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.h.{i}.ln_1.weight": "model.layers.{i}.input_layernorm.weight",
+    "transformer.h.{i}.attn.q_proj.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "transformer.h.{i}.attn.k_proj.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "transformer.h.{i}.attn.v_proj.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "transformer.h.{i}.attn.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",  # qk_norm only
+    "transformer.h.{i}.attn.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",  # qk_norm only
+    "transformer.h.{i}.attn.o_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "transformer.h.{i}.ln_2.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "transformer.h.{i}.mlp.router.weight": "model.layers.{i}.mlp.gate.weight",
+    # expert j's (out, in) matrix; gaia stacks the experts into one (n_experts, out, in) tensor
+    "transformer.h.{i}.mlp.gate_proj": "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
+    "transformer.h.{i}.mlp.up_proj": "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
+    "transformer.h.{i}.mlp.down_proj": "model.layers.{i}.mlp.experts.{j}.down_proj.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",  # not stored when tied to wte
+}
+# Mixtral's checkpoints name the MoE block_sparse_moe and its experts' matrices w1 (gate), w3 (up), w2 (down)
+MIXTRAL_NAMES = {".mlp.": ".block_sparse_moe.", ".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
+# the gaia file that loads each Hugging Face model_type, for the error when a checkpoint meets the wrong one
+GAIA_FILES = {"gpt2": "gpt2", "llama": "llama", "mixtral": "moe", "qwen3_moe": "moe", "mamba": "mamba",
+              "mamba2": "mamba", "deepseek_v3": "mla"}
+
+
+def layer_names(model):
+    """HF_NAMES for this model: {i} filled in for every layer ({j} left for the experts), without the tensors
+    it does not have (q_norm, k_norm without qk_norm; lm_head when tied)."""
+    own = dict(model.named_parameters(remove_duplicate=True))
+    return {ours.format(i=i): theirs.replace("{i}", str(i))
+            for ours, theirs in HF_NAMES.items() for i in range(model.config.n_layer) if ours.format(i=i) in own}
+
+
+def read_safetensors(path):
+    """Every tensor of a Hugging Face directory: model.safetensors, or all the shards that
+    model.safetensors.index.json lists in its weight_map."""
+    from safetensors.torch import load_file
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return load_file(os.path.join(path, "model.safetensors"))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json; "
+                         f"save the model with transformers' save_pretrained (safetensors)")
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(path, shard)))
+    return state
+
+
+def from_hf(path):
+    """A gaia Model holding the weights of a local Hugging Face MixtralForCausalLM or Qwen3MoeForCausalLM directory."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    t = hf.get("model_type")
+    if t not in HF_FAMILIES:
+        hint = f"use --model={GAIA_FILES[t]}" if t in GAIA_FILES else "no gaia model file loads it"
+        raise ValueError(f"{path} holds a {t!r} model, not moe (mixtral or qwen3_moe); {hint}")
+    family = HF_FAMILIES[t]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r}: gaia's moe.py has SwiGLU (silu) experts only")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 keeps rope_theta in there
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope type {rope_type!r} is not supported; gaia's moe.py has plain RoPE")
+    window = hf.get("sliding_window") if t == "mixtral" or hf.get("use_sliding_window") else None
+    if window is not None and window < hf["max_position_embeddings"]:
+        raise ValueError(f"sliding_window={window} is not supported; gaia's moe.py attends to the whole context")
+    if t == "qwen3_moe":
+        if hf.get("attention_bias"):
+            raise ValueError("attention_bias=True is not supported; gaia's moe.py has bias-free projections")
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            raise ValueError("dense (non-MoE) layers (mlp_only_layers, decoder_sparse_step > 1) are not "
+                             "supported; gaia's moe.py puts an MoE layer in every block")
+    # Mixtral's router_jitter_noise (multiplicative noise on the router input while training) is not implemented:
+    # it never changes the logits of a loaded model
+    hf.setdefault("rope_theta", rope.get("rope_theta"))  # transformers 5 keeps it in rope_parameters
+    hf.setdefault("num_experts", hf.get("num_local_experts"))  # Qwen3's own name; transformers 5 writes the other
+    # transformers' defaults for the keys a config.json leaves out; head_dim None means n_embd // n_head
+    hf = {**family["defaults"], **{k: v for k, v in hf.items() if v is not None}}
+    table = {**HF_CONFIG, **family["config"]}
+    model = Model(Config(**{ours: hf[theirs] for ours, theirs in table.items() if theirs in hf}, **family["fixed"]))
+
+    # Mixtral's names -> HF_NAMES' (Qwen3-MoE's and transformers 5's)
+    hf_state = read_safetensors(path)
+    for ours, theirs in MIXTRAL_NAMES.items():
+        hf_state = {k.replace(theirs, ours): v for k, v in hf_state.items()}
+    used, state = set(), {}
+
+    def take(name):
+        if name not in hf_state:
+            raise ValueError(f"{path} does not match the {t} layout: it has no {name}")
+        used.add(name)
+        return hf_state[name]
+
+    for ours, theirs in layer_names(model).items():
+        if "{j}" not in theirs:
+            state[ours] = take(theirs)
+        elif theirs.format(j=0) in hf_state:  # one (out, in) matrix per expert: stack them
+            state[ours] = torch.stack([take(theirs.format(j=j)) for j in range(model.config.n_experts)])
+        else:  # transformers 5's in-memory layout: experts stacked, gate and up fused in one (n_experts, 2I, C)
+            experts = theirs[:theirs.index("{j}")]
+            if ours.endswith("down_proj"):
+                state[ours] = take(experts + "down_proj")
+            else:
+                state[ours] = take(experts + "gate_up_proj").chunk(2, dim=1)[ours.endswith("up_proj")]
+    if set(hf_state) - used - {"lm_head.weight"}:  # a tied checkpoint may still store the head
+        raise ValueError(f"{path} does not match the {t} layout: unexpected {sorted(set(hf_state) - used)[:5]}")
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state)
+    return model
+
+
+def to_hf(model, path):
+    """Write a Hugging Face directory that transformers' from_pretrained loads: MixtralForCausalLM, or
+    Qwen3MoeForCausalLM when qk_norm=True. Experts are written one tensor per expert and projection, the
+    layout transformers itself saves (its 5.x loader fuses them into 3-D tensors; 4.x reads them as is)."""
+    from safetensors.torch import save_file
+    c = model.config
+    if not c.qk_norm and not c.norm_topk_prob:
+        raise ValueError("Mixtral always renormalises the top-k weights and only Qwen3-MoE (qk_norm=True) has "
+                         "norm_topk_prob=False; no transformers model matches qk_norm=False, norm_topk_prob=False")
+    t = "qwen3_moe" if c.qk_norm else "mixtral"
+    family = HF_FAMILIES[t]
+    own = model.state_dict()
+    hf_state = {}
+    for ours, theirs in layer_names(model).items():
+        if t == "mixtral":
+            for qwen_name, mixtral_name in MIXTRAL_NAMES.items():
+                theirs = theirs.replace(qwen_name, mixtral_name)
+        v = own[ours].detach().cpu()
+        if "{j}" in theirs:  # gaia's (n_experts, out, in) -> one (out, in) matrix per expert
+            hf_state.update({theirs.format(j=j): v[j].contiguous() for j in range(c.n_experts)})
+        else:
+            hf_state[theirs] = v.contiguous()
+    os.makedirs(path, exist_ok=True)
+    save_file(hf_state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    hf = {theirs: getattr(c, ours) for ours, theirs in {**HF_CONFIG, **family["config"]}.items()}
+    hf.update(model_type=t, architectures=[family["architecture"]], hidden_act="silu", attention_dropout=0.0,
+              rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta), initializer_range=0.02,
+              sliding_window=None, dtype=str(model.lm_head.weight.dtype).removeprefix("torch."))
+    if t == "qwen3_moe":  # its dense MLP width (unused: every layer is MoE), and no dense or sliding layers
+        hf.update(intermediate_size=c.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
+                  attention_bias=False, use_sliding_window=False)
+    else:
+        hf.update(router_jitter_noise=0.0)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)

@@ -206,20 +206,29 @@ def test_gpt2_tokenizer_folder_corpus(tmp_path):
     assert np.fromfile(path, dtype=np.uint16).tolist() == expected
 
 
-# ------------------------------------------------------------------------------------- gpt2 vs transformers
+# ------------------------------------------------------------------------------------- gpt2.py
+# Tests of gpt2.py. References: transformers' GPT2LMHeadModel holding the same weights, the cache-free full
+# forward, GPT-2's tanh GELU formula in float64, and formulas for the parameter, FLOP and cache-byte counts.
 
-def test_gpt2_matches_transformers_and_round_trips(tmp_path):
+def tiny_gpt2(**overrides):
+    """A small random gpt2.Model for the tests: 2 layers, vocab 96, block_size 64."""
+    torch.manual_seed(0)
+    return gpt2.Model(gpt2.Config(**{**dict(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=32), **overrides}))
+
+
+@pytest.mark.parametrize("max_shard_size", [None, "20KB"], ids=["one-file", "sharded"])
+def test_gpt2_matches_transformers_and_round_trips(tmp_path, max_shard_size):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=3, n_head=4))
-    model = hf_roundtrip(gpt2, hf, tmp_path, vocab_size=101)
-    assert model.config.block_size == 48 and model.config.n_layer == 3
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=101, n_positions=48, n_embd=64, n_layer=3, n_head=4,
+                                    layer_norm_epsilon=1e-4))
+    model = hf_roundtrip(gpt2, hf, tmp_path, vocab_size=101, max_shard_size=max_shard_size)
+    assert (model.config.block_size, model.config.n_layer, model.config.norm_eps) == (48, 3, 1e-4)
 
 
 def test_gpt2_without_bias_saves_a_transformers_model(tmp_path):
     from transformers import GPT2LMHeadModel
-    torch.manual_seed(0)
-    model = gpt2.Model(gpt2.Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False)).eval()
+    model = tiny_gpt2(vocab_size=50, block_size=16, n_head=2, bias=False).eval()
     model.save_pretrained(str(tmp_path))
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 50, (2, 16))
@@ -227,11 +236,142 @@ def test_gpt2_without_bias_saves_a_transformers_model(tmp_path):
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
 
 
-def test_gpt2_kv_cache_decode_matches_full_forward():
-    torch.manual_seed(0)
-    model = gpt2.Model(gpt2.Config(vocab_size=67, block_size=64, n_layer=2, n_head=4, n_embd=32))
-    check_cached_decode(model, vocab_size=67, prompt_len=5, new_tokens=40)
+def test_gpt2_rejects_unsupported_checkpoints(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for change, message in [({"model_type": "qwen3_moe"}, "holds a 'qwen3_moe' model, not gpt2; use --model=moe"),
+                            ({"model_type": "bert"}, "holds a 'bert' model, not gpt2; no gaia model file loads it"),
+                            ({"activation_function": "relu"}, "activation_function='relu'"),
+                            ({"n_inner": 64}, "n_inner=64 is not 4 \\* n_embd")]:
+        (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ValueError, match=message):
+            gpt2.Model.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
+        gpt2.Model.from_pretrained(str(tmp_path))
 
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"n_head": 0}, "n_head=0 must be >= 1"),
+    ({"n_layer": -1}, "n_layer=-1 must be >= 1"),
+    ({"n_embd": -8}, "n_embd=-8 must be >= 1"),
+    ({"block_size": 0}, "block_size=0 must be >= 1"),
+    ({"vocab_size": 0}, "vocab_size=0 must be >= 1"),
+    ({"n_embd": 1000, "n_head": 3}, "n_embd=1000 is not divisible by n_head=3; choose n_embd as a multiple of n_head "
+                                    "\\(e.g. --n_embd=999 or --n_head=4\\)"),
+    ({"n_embd": 2, "n_head": 4}, "n_embd=2 is not divisible by n_head=4.*--n_embd=4 or --n_head=2"),
+    ({"dropout": 2}, "dropout=2 must be in \\[0, 1\\); e.g. --dropout=0.1"),
+    ({"dropout": -0.1}, "dropout=-0.1 must be in \\[0, 1\\)"),
+    ({"norm_eps": 0.0}, "norm_eps=0.0 must be > 0"),
+])
+def test_gpt2_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        gpt2.Config(**overrides)
+
+
+def test_gpt2_config_rebuilds_from_its_dict():
+    import dataclasses
+    c = gpt2.Config(n_embd=48, n_head=3, bias=False, norm_eps=1e-6)
+    assert gpt2.Config(**dataclasses.asdict(c)) == c and c.head_dim == 16
+
+
+def test_gpt2_kv_cache_decode_matches_full_forward():
+    check_cached_decode(tiny_gpt2(vocab_size=67), vocab_size=67, prompt_len=5, new_tokens=40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt2_kv_cache_bytes(dtype):
+    """bytes_per_token = 2 (k and v) * n_layer * n_head * head_dim * dtype size, per token of one sequence; the cache
+    that generate() really allocates holds exactly that many bytes per token of each sequence."""
+    n_layer, n_head, n_embd, batch, prompt, new = 3, 4, 64, 2, 5, 4
+    model = tiny_gpt2(n_layer=n_layer, n_head=n_head, n_embd=n_embd).to(dtype).eval()
+    caches = []
+    make_cache = model.make_cache
+    model.make_cache = lambda *a: caches.append(make_cache(*a)) or caches[-1]
+    model.generate(torch.randint(0, 96, (batch, prompt)), new, temperature=0)
+    (cache,) = caches
+    per_token = 2 * n_layer * n_head * (n_embd // n_head) * torch.finfo(dtype).bits // 8
+    assert isinstance(cache.bytes_per_token, int) and cache.bytes_per_token == per_token
+    stored = sum(t.untyped_storage().nbytes() for t in (cache.k, cache.v))
+    assert cache.nbytes == stored == per_token * batch * (prompt + new)
+
+
+def test_gpt2_flops_per_token_formula():
+    c = gpt2.Config(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    m = gpt2.Model(c)
+    # parameters by hand: wte, per layer 2 LayerNorms + 4 attention Linears + 2 MLP Linears (with biases), ln_f
+    per_layer = 2 * 2 * 32 + 4 * (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)
+    n = 100 * 32 + 2 * per_layer + 2 * 32
+    assert m.num_params() == n
+    assert m.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
+
+
+# ------------------------------------------------------------------ gpt2.py's speed fence against the plain math
+
+def gelu_tanh_reference(x):
+    """GPT-2's gelu_new, as written in the paper's code."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+GELU_POINTS = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, 30, -30, 1e4, -1e4])])
+
+
+def test_gpt2_cpu_gelu_is_the_tanh_formula():
+    """The CPU fp32 branch (GELUTanhCPU, x * sigmoid(u) with a hand-written backward): values and gradients."""
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gpt2.GELUTanhCPU.apply, (x,))  # backward against finite differences
+    torch.testing.assert_close(gpt2.GELUTanhCPU.apply(x), gelu_tanh_reference(x), rtol=0, atol=1e-14)
+    # float32, the path training takes, over the whole range: values and gradients against the formula's autograd
+    x = torch.cat([GELU_POINTS, torch.tensor([1e30, -1e30])]).requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    y = gpt2.gelu_tanh(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    x64 = x.detach().double().requires_grad_()
+    y64 = gelu_tanh_reference(x64)
+    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    assert y.grad_fn.name() == "GELUTanhCPUBackward"  # the dispatch took this branch
+    torch.testing.assert_close(y.double(), y64.nan_to_num(), rtol=1e-6, atol=1e-6)  # 1e30^3 overflows the formula
+    torch.testing.assert_close(dx.double(), dx64.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -8)])
+def test_gpt2_gpu_gelu_is_the_tanh_formula(dtype, rtol):
+    """The branch GPUs, bf16/fp16 and torch.compile take (gelu_tanh_fused), called on the CPU: values within
+    rounding (bf16: half a unit in the last place) of the formula in float64, gradients within one unit."""
+    x = GELU_POINTS.to(dtype).requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = gpt2.gelu_tanh_fused(x)
+    (dx,) = torch.autograd.grad(y, x, g)
+    x64 = x.detach().double().requires_grad_()
+    y64 = gelu_tanh_reference(x64)
+    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    torch.testing.assert_close(y.double(), y64, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(dx.double(), dx64, rtol=2 * rtol, atol=1e-5)
+    if dtype == torch.bfloat16:  # the dispatch sends bf16 here, also on the CPU
+        assert gpt2.gelu_tanh(x).grad_fn.name() == y.grad_fn.name()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt2_fused_qkv_is_three_projections(bias):
+    """fused_qkv (one matmul over the concatenated weights) equals c_q(x), c_k(x), c_v(x): values and gradients.
+    Its tensor-parallel branch (DTensor weights) calls the three projections; the TP tests run it."""
+    torch.manual_seed(0)
+    c_q, c_k, c_v = (torch.nn.Linear(32, 32, bias=bias) for _ in range(3))
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    params = [x] + [p for m in (c_q, c_k, c_v) for p in m.parameters()]
+    grads_out = [torch.randn(2, 5, 32) for _ in range(3)]
+    fused = gpt2.fused_qkv(x, c_q, c_k, c_v)
+    plain = (c_q(x), c_k(x), c_v(x))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    grads = torch.autograd.grad(fused, params, grads_out)
+    for a, b in zip(grads, torch.autograd.grad(plain, params, grads_out)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- generation, for every model
 
 @pytest.mark.parametrize("model", [m for m in MODELS if "block_size" in config_keys(m)])
 def test_generation_past_block_size_slides_the_window(model):
@@ -295,37 +435,6 @@ def test_generate_passes_its_filters_to_sampling(model):
     greedy = m.generate(prompt, 6, temperature=0)
     assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_k=1), greedy)
     assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_p=1e-6), greedy)
-
-
-def test_gpt2_flops_per_token_formula():
-    c = gpt2.Config(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    m = gpt2.Model(c)
-    # parameters by hand: wte, per layer 2 LayerNorms + 4 attention Linears + 2 MLP Linears (with biases), ln_f
-    per_layer = 2 * 2 * 32 + 4 * (32 * 32 + 32) + (32 * 128 + 128) + (128 * 32 + 32)
-    n = 100 * 32 + 2 * per_layer + 2 * 32
-    assert m.num_params() == n
-    assert m.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
-
-
-def test_gpt2_cpu_gelu_is_the_tanh_formula():
-    import math
-    def reference(x):  # GPT-2's gelu_new, as written in the paper's code
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(gpt2.GELUTanhCPU.apply, (x,))  # backward against finite differences
-    torch.testing.assert_close(gpt2.GELUTanhCPU.apply(x), reference(x), rtol=0, atol=1e-14)
-    # float32, the path training takes, over the whole range: values and gradients against the formula's autograd
-    x = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, 30, -30, 1e4, -1e4, 1e30, -1e30])])
-    x.requires_grad_()
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    y = gpt2.gelu_tanh(x)
-    (dx,) = torch.autograd.grad(y, x, g)
-    x64 = x.detach().double().requires_grad_()
-    y64 = reference(x64)
-    (dx64,) = torch.autograd.grad(y64, x64, g.double())
-    assert y.grad_fn.name() == "GELUTanhCPUBackward"
-    torch.testing.assert_close(y.double(), y64.nan_to_num(), rtol=1e-6, atol=1e-6)  # 1e30^3 overflows the formula
-    torch.testing.assert_close(dx.double(), dx64.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- training, for every model
@@ -1560,6 +1669,12 @@ def tiny_moe_config(**kw):
     return moe.Config(**{**base, **kw})
 
 
+def tiny_moe(**overrides):
+    """A small random moe.Model for the tests: 2 layers of 4 experts (top 2), vocab 96, block_size 64."""
+    torch.manual_seed(0)
+    return moe.Model(tiny_moe_config(**overrides))
+
+
 # ------------------------------------------------------------------ transformers as the reference
 
 def hf_mixtral(n_experts, k, n_kv_head, tie=False, vocab_size=MOE_VOCAB):
@@ -1586,17 +1701,18 @@ def hf_qwen3_moe(norm_topk_prob, head_dim=24):
     return model
 
 
-@pytest.mark.parametrize("n_experts,k,n_kv_head,tie", [(4, 2, 2, False), (8, 2, 1, True)])
-def test_moe_matches_hf_mixtral(tmp_path, n_experts, k, n_kv_head, tie):
-    model = hf_roundtrip(moe, hf_mixtral(n_experts, k, n_kv_head, tie), tmp_path, MOE_VOCAB)
+@pytest.mark.parametrize("n_experts,k,n_kv_head,tie,max_shard_size", [(4, 2, 2, False, None), (8, 2, 1, True, None),
+                                                                       (4, 2, 2, False, "20KB")])
+def test_moe_matches_hf_mixtral(tmp_path, n_experts, k, n_kv_head, tie, max_shard_size):
+    model = hf_roundtrip(moe, hf_mixtral(n_experts, k, n_kv_head, tie), tmp_path, MOE_VOCAB, max_shard_size=max_shard_size)
     c = model.config
     assert (c.n_experts, c.n_experts_per_tok, c.n_kv_head, c.tie_word_embeddings) == (n_experts, k, n_kv_head, tie)
     assert (c.qk_norm, c.norm_topk_prob) == (False, True)
 
 
-@pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_moe_matches_hf_qwen3_moe(tmp_path, norm_topk_prob):
-    model = hf_roundtrip(moe, hf_qwen3_moe(norm_topk_prob), tmp_path, MOE_VOCAB)
+@pytest.mark.parametrize("norm_topk_prob,max_shard_size", [(True, None), (False, None), (False, "20KB")])
+def test_moe_matches_hf_qwen3_moe(tmp_path, norm_topk_prob, max_shard_size):
+    model = hf_roundtrip(moe, hf_qwen3_moe(norm_topk_prob), tmp_path, MOE_VOCAB, max_shard_size=max_shard_size)
     c = model.config
     assert (c.qk_norm, c.norm_topk_prob, c.head_dim) == (True, norm_topk_prob, 24)
     assert (c.n_experts, c.n_experts_per_tok) == (8, 3)
@@ -1636,14 +1752,62 @@ def test_moe_rejects_unsupported_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="mlp_only_layers"):
         moe.Model.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="llama"):
+    with pytest.raises(ValueError, match="holds a 'llama' model, not moe \\(mixtral or qwen3_moe\\); use --model=llama"):
         moe.Model.from_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match="n_kv_head"):
-        moe.Model(tiny_moe_config(n_head=4, n_kv_head=3))
-    with pytest.raises(ValueError, match="n_experts_per_tok"):
-        moe.Model(tiny_moe_config(n_experts=4, n_experts_per_tok=5))
     with pytest.raises(ValueError, match="norm_topk_prob"):
         moe.Model(tiny_moe_config(norm_topk_prob=False)).save_pretrained(str(tmp_path / "out"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
+        moe.Model.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"n_head": 0}, "n_head=0 must be >= 1"),
+    ({"n_kv_head": -1}, "n_kv_head=-1 must be >= 1"),
+    ({"n_experts": 0}, "n_experts=0 must be >= 1"),
+    ({"n_experts_per_tok": 0}, "n_experts_per_tok=0 must be >= 1"),
+    ({"intermediate_size": -5}, "intermediate_size=-5 must be >= 1"),
+    ({"head_dim": 0}, "head_dim=0 must be >= 1"),
+    ({"n_embd": 1000, "n_head": 3, "n_kv_head": 1}, "n_embd=1000 is not divisible by n_head=3; choose n_embd as a "
+                                                    "multiple of n_head \\(e.g. --n_embd=999 or --n_head=4\\), or set --head_dim"),
+    ({"n_embd": 36, "n_head": 4}, "head_dim=9 is odd; RoPE turns pairs"),
+    ({"n_head": 4, "n_kv_head": 3}, "n_kv_head=3 does not divide n_head=4; n_kv_head must divide n_head \\(e.g. 1, 2 or 4\\)"),
+    ({"n_experts": 4, "n_experts_per_tok": 5}, "n_experts_per_tok=5 is more than n_experts=4.*--n_experts_per_tok=4 "
+                                               "or --n_experts=5"),
+    ({"dropout": 2}, "dropout=2 must be in \\[0, 1\\); e.g. --dropout=0.1"),
+    ({"norm_eps": -1e-6}, "norm_eps=-1e-06 must be > 0"),
+    ({"rope_theta": 0}, "rope_theta=0 must be > 0"),
+    ({"aux_loss_coef": -0.1}, "aux_loss_coef=-0.1 must be >= 0"),
+    ({"z_loss_coef": float("nan")}, "z_loss_coef=nan must be >= 0"),
+])
+def test_moe_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        moe.Config(**overrides)
+
+
+def test_moe_config_derives_head_dim_and_the_model_leaves_it_alone():
+    import dataclasses
+    c = tiny_moe_config()
+    assert c.head_dim == 32 // 4 and moe.Config(**dataclasses.asdict(c)) == c
+    before = dataclasses.asdict(c)
+    moe.Model(c)
+    assert dataclasses.asdict(c) == before
+    assert tiny_moe_config(n_embd=30, n_head=4, head_dim=8).head_dim == 8  # set: n_embd need not divide
+
+
+def test_moe_flops_per_token_counts_the_active_experts():
+    """Parameters by hand, only n_experts_per_tok of the n_experts experts per layer counting, then 6 per parameter
+    plus attention's 12 * n_layer * n_head * head_dim * seq_len."""
+    L, C, H, KV, D, E, k, I, V = 2, 32, 4, 2, 12, 8, 3, 20, MOE_VOCAB
+    for qk_norm, tie in [(False, False), (True, True)]:
+        model = tiny_moe(n_layer=L, n_embd=C, n_head=H, n_kv_head=KV, head_dim=D, n_experts=E, n_experts_per_tok=k,
+                         intermediate_size=I, qk_norm=qk_norm, tie_word_embeddings=tie)
+        attention = C * H * D + 2 * C * KV * D + H * D * C + (2 * D if qk_norm else 0)
+        per_layer = 2 * C + attention + C * E + k * 3 * I * C  # 2 RMSNorms, attention, router, the k chosen experts
+        active = L * per_layer + C + V * C  # + ln_f and the head (the embedding lookup is not a matmul)
+        assert model.num_params(active=True) == active
+        assert model.flops_per_token(16) == 6 * active + 12 * L * H * D * 16
 
 
 # ------------------------------------------------------------------ dispatch against a per-token loop
@@ -1705,6 +1869,26 @@ def test_moe_dispatch_matches_per_token_loop(path, n_experts, k, norm_topk_prob,
         assert (layer.load == 0).any() and (grads[2].abs().sum(dim=(1, 2)) == 0).any()
 
 
+def test_moe_expert_matmul_paths_equal_a_row_by_row_product():
+    """Both paths of expert_matmul (the speed fence), forced: each row times its expert's matrix, values and
+    gradients, with experts that get no row. The grouped_mm path runs where torch has a CPU kernel for it."""
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 8, 0])  # rows per expert: experts 1 and 4 get none
+    expert_of_row = torch.repeat_interleave(torch.arange(5), counts)
+    x = torch.randn(int(counts.sum()), 16, requires_grad=True)
+    w = torch.randn(5, 24, 16, requires_grad=True)
+    g = torch.randn(int(counts.sum()), 24)
+    reference = torch.stack([w[e] @ row for row, e in zip(x, expert_of_row.tolist())])
+    ref_grads = torch.autograd.grad(reference, (x, w), g)
+    paths = [False] + ([True] if grouped_mm_runs_on_cpu() else [])
+    for use_grouped_mm in paths:
+        y = moe.expert_matmul(x, w, counts, use_grouped_mm)
+        torch.testing.assert_close(y, reference, atol=1e-5, rtol=1e-5)
+        for got, want in zip(torch.autograd.grad(y, (x, w), g), ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert use_grouped_mm or y.grad_fn.name() == "CatBackward0"
+
+
 # ------------------------------------------------------------------ the losses, by hand
 
 # 6 tokens, 4 experts: fixed router logits
@@ -1721,7 +1905,7 @@ def test_moe_aux_and_z_loss_formulas():
     E * sum_i f_i P_i (f_i = tokens with i among their top-2 / tokens, P_i = mean probability) and
     ST-MoE's z-loss mean_t logsumexp(logits_t)^2 are computed here in plain Python."""
     E, k, N = 4, 2, len(MOE_ROUTER_LOGITS)
-    layer = moe.MoE(tiny_moe_config(n_embd=E, n_experts=E, n_experts_per_tok=k, intermediate_size=8))
+    layer = moe.MoE(tiny_moe_config(n_embd=E, n_head=2, n_experts=E, n_experts_per_tok=k, intermediate_size=8))
     with torch.no_grad():
         layer.router.weight.copy_(torch.eye(E))
         for w in (layer.gate_proj, layer.up_proj, layer.down_proj):
@@ -1752,7 +1936,7 @@ def test_moe_loss_adds_layer_mean_of_router_losses():
     model = moe.Model(tiny_moe_config(n_layer=3, aux_loss_coef=0.3, z_loss_coef=0.05))
     captured = []
     for block in model.transformer.h:
-        block.moe.router.register_forward_hook(lambda mod, inp, out: captured.append(out.detach().float()))
+        block.mlp.router.register_forward_hook(lambda mod, inp, out: captured.append(out.detach().float()))
     idx = torch.randint(0, MOE_VOCAB, (2, 12))
     logits, loss = model(idx, idx)
     E, k = 4, 2
@@ -1780,9 +1964,38 @@ def test_moe_loss_adds_layer_mean_of_router_losses():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_moe_cached_decode_matches_full_forward(qk_norm):
-    torch.manual_seed(0)
-    model = moe.Model(tiny_moe_config(qk_norm=qk_norm, n_experts=8, n_kv_head=1))
-    check_cached_decode(model, MOE_VOCAB)
+    check_cached_decode(tiny_moe(qk_norm=qk_norm, n_experts=8, n_kv_head=1), MOE_VOCAB)
+
+
+@pytest.mark.parametrize("n_kv_head,dtype", [(2, torch.float32), (1, torch.float32), (2, torch.bfloat16)])
+def test_moe_kv_cache_bytes(n_kv_head, dtype):
+    """bytes_per_token = 2 (k and v) * n_layer * n_kv_head * head_dim * dtype size, per token of one sequence: the
+    cache generate() really allocates holds n_kv_head heads, never the n_head repeated ones."""
+    n_layer, batch, prompt, new = 3, 2, 5, 4
+    model = tiny_moe(n_layer=n_layer, n_kv_head=n_kv_head, head_dim=12).to(dtype).eval()
+    caches = []
+    make_cache = model.make_cache
+    model.make_cache = lambda *a: caches.append(make_cache(*a)) or caches[-1]
+    model.generate(torch.randint(0, MOE_VOCAB, (batch, prompt)), new, temperature=0)
+    (cache,) = caches
+    per_token = 2 * n_layer * n_kv_head * 12 * torch.finfo(dtype).bits // 8
+    assert isinstance(cache.bytes_per_token, int) and cache.bytes_per_token == per_token
+    stored = sum(t.untyped_storage().nbytes() for t in (cache.k, cache.v))
+    assert cache.nbytes == stored == per_token * batch * (prompt + new)
+
+
+def test_moe_rope_turns_pairs_by_position_times_frequency():
+    """apply_rope with the model's cos/sin buffers against complex multiplication written here: the pair
+    (x_i, x_{i + dim/2}) is the complex number x_i + i x_{i + dim/2}, turned by pos * theta^(-2i/dim).
+    The buffers are not saved in the state_dict."""
+    model = tiny_moe(head_dim=8, rope_theta=500.0)
+    assert not any(k.endswith(("cos", "sin")) for k in model.state_dict())
+    T, H, D = 10, 3, 8
+    x = torch.randn(2, T, H, D, dtype=torch.float64)
+    got = moe.apply_rope(x, model.cos[:T, None].double(), model.sin[:T, None].double())
+    angle = torch.tensor([[p * 500.0 ** (-2 * i / D) for i in range(D // 2)] for p in range(T)], dtype=torch.float64)
+    z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * torch.polar(torch.ones_like(angle), angle)[:, None]
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag], dim=-1), atol=1e-6, rtol=0)  # float32 buffers
 
 
 def moe_final_imbalance(aux_loss_coef, steps=40):
@@ -1810,18 +2023,23 @@ def test_moe_aux_loss_lowers_expert_imbalance():
     assert loss_off < 3.0  # both learned the batch (ln 96 = 4.56 at the start)
 
 
-def test_moe_tp_plan_names_real_modules():
-    model = moe.Model(tiny_moe_config(n_layer=2))
-    plan = model.tp_plan()
-    for path in plan:
-        model.get_submodule(path)  # raises for a name that is not a module
-    linear = {p: type(s).__name__ for p, s in plan.items() if isinstance(model.get_submodule(p), torch.nn.Linear)
-              and p != "lm_head"}
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_moe_tp_plan_names_real_modules(qk_norm):
+    import re
+    model = tiny_moe(n_layer=2, qk_norm=qk_norm)
+    modules = dict(model.named_modules())
+    styles = {}  # module path -> the name of its style, wildcards expanded as parallelize_module does
+    for pattern, style in model.tp_plan().items():
+        matched = [p for p in modules if re.fullmatch(re.escape(pattern).replace(r"\*", r"[^.]+"), p)]
+        assert matched, pattern  # every entry names real modules
+        styles.update({p: type(style).__name__ for p in matched})
+    linear = {p: s for p, s in styles.items() if isinstance(modules[p], torch.nn.Linear) and p != "lm_head"}
     assert len(linear) == 8  # q, k, v, o of 2 layers; the router and experts stay replicated
     assert all(s == ("RowwiseParallel" if p.endswith("o_proj") else "ColwiseParallel") for p, s in linear.items())
-    # sequence parallel: every RMSNorm works on a slice of the sequence
-    norms = [n for n, m in model.named_modules() if isinstance(m, moe.RMSNorm) and "attn" not in n]
-    assert norms and all(type(plan.get(n)).__name__ == "SequenceParallel" for n in norms)
+    # sequence parallel: every RMSNorm works on a slice of the sequence (q/k norms on a slice of the heads)
+    norms = [n for n, m in model.named_modules() if isinstance(m, moe.RMSNorm)]
+    assert len(norms) == 2 * 2 + 1 + (4 if qk_norm else 0)
+    assert all(styles.get(n) == "SequenceParallel" for n in norms)
 
 
 
