@@ -182,8 +182,18 @@ def load_weights(model, state, path):
                             f"a new run in another --out_dir") from None
 
 
+def stored_config(module, ckpt):
+    """The model config a checkpoint was written with, as keyword arguments of this model file's Config."""
+    unknown = set(ckpt["model_config"]) - {f.name for f in fields(module.Config)}
+    if unknown:  # e.g. a key the model file has since renamed
+        raise TrainingError(f"{ckpt['path']} was written by another version of {module.__name__}.py: its config has "
+                            f"{', '.join(sorted(unknown)[:3])}, which this file does not. Resume it with the gaia version "
+                            f"that wrote it, or start a new run in another --out_dir")
+    return dict(ckpt["model_config"])
+
+
 def model_from_checkpoint(ckpt, module, out_dir):
-    model = module.Model(build_config(module, ckpt["model_config"]))
+    model = module.Model(build_config(module, stored_config(module, ckpt)))
     if ckpt.get("sharded"):
         distributed.load_sharded(out_dir, model)
     else:
@@ -469,7 +479,7 @@ def build_config(module, values):
 def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
     """The model to train: from scratch, from the checkpoint being resumed, or from a Hugging Face directory."""
     if ckpt is not None:
-        stored = dict(ckpt["model_config"])
+        stored = stored_config(module, ckpt)
         if "dropout" in explicit and "dropout" in stored:
             stored["dropout"] = model_cfg.dropout
         model = module.Model(build_config(module, stored))
