@@ -166,8 +166,7 @@ def bench_decode(args, extra):
     print(f"  {'variant':<22} {'params':>11} {'cache B/token':>13} {'tok/s cached':>13} {'tok/s no cache':>15}")
     for variant, model, (whole, uncached, prefill) in zip(variants, models, best):
         cached = whole - prefill
-        make_cache = getattr(model, "make_cache", None)  # models that expose their cache report its real size
-        per_token = f"{make_cache(1, 1).bytes_per_token:,}" if make_cache else "-"
+        per_token = f"{model.make_cache(1, 1).bytes_per_token:,}"  # 0 for a fixed-size state (Mamba)
         no_cache = f"{args.batch_size * args.no_cache_tokens / uncached:,.1f}" if args.no_cache_tokens else "-"
         print(f"  {(variant[0][2:] if variant else 'default'):<22} {sum(p.numel() for p in model.parameters()):>11,} "
               f"{per_token:>13} {args.batch_size * args.new_tokens / cached:>13,.1f} {no_cache:>15}")

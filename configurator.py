@@ -145,12 +145,22 @@ def peek(files, overrides, key, default):
     return overrides.get(key, value)
 
 
-def print_help(groups, out=sys.stdout):
+def print_help(script, groups, out=sys.stdout):
     """groups: [(title, {key: (default, type)})]."""
-    print("usage: python train.py [config/file.py ...] [--key=value ...]\n", file=out)
+    print(f"usage: python {script} [config/file.py ...] [--key=value ...]\n", file=out)
     for title, table in groups:
         print(f"{title}:", file=out)
         width = max(len(k) for k in table) + 2
         for key, (default, tp) in table.items():
             print(f"  --{key:<{width}} {type_name(tp):<14} default {default!r}", file=out)
         print(file=out)
+
+
+def parse(argv, config_class, script):
+    """The whole command line of a script with one config dataclass: the config, or None after --help printed its keys."""
+    files, overrides = split_args(argv)
+    table = key_table(config_class)
+    if "help" in overrides:
+        print_help(script, [(f"{script} keys", table)])
+        return None
+    return config_class(**resolve(files, overrides, table)[0])

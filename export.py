@@ -22,12 +22,9 @@ class ExportConfig:
 
 
 def run(argv):
-    files, overrides = configurator.split_args(argv)
-    table = configurator.key_table(ExportConfig)
-    if "help" in overrides:
-        configurator.print_help([("export.py keys", table)])
+    cfg = configurator.parse(argv, ExportConfig, "export.py")
+    if cfg is None:
         return
-    cfg = ExportConfig(**configurator.resolve(files, overrides, table)[0])
     ckpt = load_checkpoint(cfg.out_dir)
     model = model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]), cfg.out_dir)
     hf_dir = cfg.hf_dir or os.path.join(cfg.out_dir, "hf")

@@ -68,13 +68,9 @@ def load(cfg):
 
 
 def run(argv):
-    files, overrides = configurator.split_args(argv)
-    table = configurator.key_table(SampleConfig)
-    if "help" in overrides:
-        configurator.print_help([("sample.py keys", table)])
+    cfg = configurator.parse(argv, SampleConfig, "sample.py")
+    if cfg is None:
         return
-    values, _ = configurator.resolve(files, overrides, table)
-    cfg = SampleConfig(**values)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)

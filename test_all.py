@@ -5,17 +5,37 @@ e.g. `python test_all.py -k llama -x`.
 Each test checks behaviour against an independent reference: Hugging Face transformers holding the
 same weights, a slow loop written here, or a formula; never against gaia's own output.
 """
+import dataclasses
 import functools
 import importlib
+import inspect
+import json
+import math
 import os
+import re
+import signal
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
+
+import configurator  # noqa: E402  (the project's modules, from ROOT)
+import data  # noqa: E402
+import gpt2  # noqa: E402
+import llama  # noqa: E402
+import mamba  # noqa: E402
+import mla  # noqa: E402
+import moe  # noqa: E402
+import train  # noqa: E402
+from sample import main as sample_main  # noqa: E402
+
+MODELS = train.model_files()
 
 
 # ------------------------------------------------------------------------------------- shared helpers
@@ -73,19 +93,6 @@ def check_cached_decode(model, vocab_size, prompt_len=5, new_tokens=32, atol=1e-
 
 
 
-import json
-import math
-import subprocess
-
-import numpy as np
-
-import configurator
-import data
-import gpt2
-import train
-from sample import main as sample_main
-
-MODELS = train.model_files()  # every model file gets the generic training tests below
 
 
 def config_keys(model):
@@ -179,7 +186,6 @@ def test_data_cache_is_reused_and_round_trips(tmp_path, monkeypatch):
     tok = data.ByteTokenizer()
     path, n = data.tokenize_to_cache(data.read_corpus(str(tmp_path / "a.txt")), tok, str(tmp_path / "cache"))
     assert n == len(text.encode("utf-8"))
-    import numpy as np
     assert tok.decode(np.fromfile(path, dtype=np.uint16)) == text
     monkeypatch.setattr(tok, "encode_batch", lambda texts: pytest.fail("a cached corpus was tokenized again"))
     path2, n2 = data.tokenize_to_cache(data.read_corpus(str(tmp_path / "a.txt")), tok, str(tmp_path / "cache"))
@@ -200,7 +206,6 @@ def test_gpt2_tokenizer_folder_corpus(tmp_path):
     (tmp_path / "d" / "1.txt").write_text("Hello world.\n")
     (tmp_path / "d" / "2.txt").write_text("Goodbye, moon!\n")
     path, n = data.tokenize_to_cache(data.read_corpus(str(tmp_path / "d")), tok, str(tmp_path / "c"))
-    import numpy as np
     enc = tiktoken.get_encoding("gpt2")
     expected = enc.encode("Hello world.\n") + [50256] + enc.encode("Goodbye, moon!\n") + [50256]
     assert np.fromfile(path, dtype=np.uint16).tolist() == expected
@@ -269,16 +274,6 @@ def test_gpt2_rejects_unsupported_checkpoints(tmp_path):
 def test_gpt2_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         gpt2.Config(**overrides)
-
-
-def test_gpt2_config_rebuilds_from_its_dict():
-    import dataclasses
-    c = gpt2.Config(n_embd=48, n_head=3, bias=False, norm_eps=1e-6)
-    assert gpt2.Config(**dataclasses.asdict(c)) == c and c.head_dim == 16
-
-
-def test_gpt2_kv_cache_decode_matches_full_forward():
-    check_cached_decode(tiny_gpt2(vocab_size=67), vocab_size=67, prompt_len=5, new_tokens=40)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -371,101 +366,7 @@ def test_gpt2_fused_qkv_is_three_projections(bias):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-# ------------------------------------------------------------------------------------- generation, for every model
-
-@pytest.mark.parametrize("model", [m for m in MODELS if "block_size" in config_keys(m)])
-def test_generation_past_block_size_slides_the_window(model):
-    """Past block_size, every token is predicted from the last block_size tokens (nanoGPT's crop): the logits
-    of each step equal a full forward over that cropped window."""
-    module = train.load_model_module(model)
-    torch.manual_seed(0)
-    m = module.Model(module.Config(vocab_size=31, block_size=8)).eval()
-    prompt = torch.randint(0, 31, (2, 3))
-    out, step_logits = m.generate(prompt, 12, temperature=0, return_logits=True)
-    idx, reference = prompt, []
-    with torch.no_grad():
-        for _ in range(12):  # the slow reference: a full forward over the cropped context for every token
-            logits, _ = m(idx[:, -8:])
-            reference.append(logits[:, -1])
-            idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
-    torch.testing.assert_close(step_logits, torch.stack(reference, dim=1), atol=1e-5, rtol=0)
-    assert torch.equal(out, idx)
-
-
-def nucleus_reference(probs, temperature=1.0, top_k=None, top_p=None):
-    """The distribution sample() must draw from, written out slowly: probs ** (1 / T) renormalised, then
-    the top_k most likely kept, then the most likely kept until the mass before the next one passes top_p."""
-    p = [x ** (1 / temperature) for x in probs]
-    p = [x / sum(p) for x in p]
-    order = sorted(range(len(p)), key=lambda i: -p[i])
-    keep = set(order[:top_k] if top_k else order)
-    if top_p is not None:
-        mass, nucleus = 0.0, set()
-        for i in (i for i in order if i in keep):
-            if mass > top_p:
-                break
-            nucleus.add(i)
-            mass += p[i] / sum(p[j] for j in keep)
-        keep = nucleus
-    return [p[i] / sum(p[j] for j in keep) if i in keep else 0.0 for i in range(len(p))]
-
-
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.5, None, None), (1.0, 2, None),
-                                                       (1.0, None, 0.7), (2.0, 3, 0.7)])
-def test_sampling_draws_from_the_filtered_distribution(model, temperature, top_k, top_p):
-    sample = train.load_model_module(model).sample
-    probs = [0.05, 0.5, 0.15, 0.3]  # not sorted: an index mix-up in the top-p un-sort shows
-    logits = torch.log(torch.tensor([probs])).expand(40000, 4)  # one row per draw
-    torch.manual_seed(0)
-    draws = sample(logits, temperature, top_k, top_p).flatten()
-    frequency = torch.bincount(draws, minlength=4).double() / len(draws)
-    expected = torch.tensor(nucleus_reference(probs, temperature, top_k, top_p), dtype=torch.float64)
-    torch.testing.assert_close(frequency, expected, atol=0.012, rtol=0)  # 5 standard errors of 40,000 draws
-    assert torch.equal(sample(logits[:2], temperature=0), torch.tensor([[1], [1]]))
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_generate_passes_its_filters_to_sampling(model):
-    """top_k=1 at temperature 1 can only pick the most likely token: generate must equal greedy decoding."""
-    module = train.load_model_module(model)
-    torch.manual_seed(0)
-    m = module.Model(module.Config(vocab_size=64)).eval()
-    prompt = torch.randint(0, 64, (2, 4))
-    greedy = m.generate(prompt, 6, temperature=0)
-    assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_k=1), greedy)
-    assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_p=1e-6), greedy)
-
-
-# ------------------------------------------------------------------------------------- training, for every model
-
-@pytest.mark.parametrize("model", MODELS)
-def test_short_run_loss_falls(model, tmp_path):
-    rows = run_train(f"--model={model}", "--max_iters=40", "--eval_interval=40", out_dir=str(tmp_path))
-    evals = [r for r in rows if "val_loss" in r]
-    first, last = evals[0], evals[-1]
-    assert first["iter"] == 0 and last["iter"] == 40
-    if model == "gpt2":  # at init the prediction is near uniform over the 256 bytes
-        assert abs(first["train_loss"] - math.log(256)) < 0.3
-    assert last["train_loss"] < first["train_loss"] - 1.0, (first, last)
-    assert last["val_loss"] < first["val_loss"] - 1.0, (first, last)
-    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows if "loss" in r)
-    assert os.path.getsize(tmp_path / "dashboard.png") > 1000
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_resume_is_bit_identical(model, tmp_path):
-    """A run stopped at iter 6 and resumed to 12 logs exactly the losses of an unbroken 12-iter run."""
-    has_dropout = "dropout" in config_keys(model)
-    common = [f"--model={model}", "--lr_decay_iters=12", "--eval_interval=3"] + (["--dropout=0.1"] if has_dropout else [])
-    whole = run_train(*common, "--max_iters=12", out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"))
-    run_train(*common, "--max_iters=6", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
-    resumed = run_train("--init_from=resume", "--max_iters=12", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
-    losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
-    assert len(losses(whole)) == 12
-    assert losses(resumed) == losses(whole)
-    assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
-
+# ------------------------------------------------------------------------------------- train.py against references
 
 def test_training_steps_equal_a_hand_written_loop(tmp_path):
     """Two iterations of train.py (2 micro-steps each, clipping active, warmup) against the same steps written out
@@ -620,7 +521,6 @@ def test_cli_run_logs_samples_and_plots(tmp_path):
     code, out = run_cli(*TINY_RUN[:-1], "--sample_tokens=20", "--max_iters=4", "--eval_interval=2",
                         f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}")
     assert code == 0, out
-    import re
     lines = re.findall(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms, ([\d,]+) tok/s, ([\d.]+) TFLOP/s$", out, re.M)
     assert [int(l[0]) for l in lines] == [1, 2, 3, 4]  # no MFU on a CPU: there is no peak to divide by
     assert "mfu" not in out and "sample:" in out
@@ -657,7 +557,6 @@ def test_bad_data_gives_one_clear_line(tmp_path, capsys, content, message):
                         f"--cache_dir={tmp_path / 'c'}")
     assert code == 1
     assert "Traceback" not in out
-    import re
     assert re.search("error: .*" + message, out), out
 
 
@@ -688,7 +587,6 @@ def test_bad_data_gives_one_clear_line(tmp_path, capsys, content, message):
 def test_bad_config_gives_one_clear_line(tmp_path, capsys, args, message):
     code, out = run_main(capsys, "--tokenizer=byte", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}", *args)
     assert code == 1 and "Traceback" not in out, out
-    import re
     assert re.search("error: .*" + message, out), out
     assert not os.path.exists(tmp_path / "ckpt.pt")  # nothing ran
 
@@ -794,13 +692,11 @@ def test_sample_bad_input_gives_one_clear_line(tmp_path_factory, capsys, args, m
             pytest.skip("the GPT-2 BPE files are not available offline here")
     code, out = run_main(capsys, f"--out_dir={out_dir}", "--max_new_tokens=2", *args, main=sample_main)
     assert code == 1 and "Traceback" not in out, out
-    import re
     assert re.search("error: .*" + message, out), out
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(tmp_path):
     """Ctrl-C finishes the step, saves, says how to resume; the resumed run continues the unbroken run exactly."""
-    import signal
     common = [sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--n_layer=1", "--dropout=0.1",
               "--lr_decay_iters=1000", "--eval_interval=1000", f"--cache_dir={tmp_path / 'c'}"]
     p = subprocess.Popen([*common, "--max_iters=100000", f"--out_dir={tmp_path / 'a'}"], cwd=ROOT, text=True,
@@ -832,7 +728,6 @@ def test_nan_loss_stops_with_a_hint_and_keeps_the_checkpoint(tmp_path, capsys):
     code, out = run_main(capsys, *TINY_RUN, "--init_from=resume", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'cache'}",
                         "--max_iters=30", "--learning_rate=1e30", "--grad_clip=0", "--eval_interval=1000")
     assert code == 1, out
-    import re
     assert re.search(r"error: loss is (nan|inf) at iter \d+.*ckpt.pt.*lower --learning_rate", out), out
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
@@ -870,7 +765,6 @@ def test_bench_runs_for_a_model(capsys):
     finally:
         sys.argv = sys_argv
     out = capsys.readouterr().out
-    import re
     ms, tokens_per_s = re.search(r"B=2 T=16: median ([\d.]+) ms/iter over 1 iters, ([\d,]+) tokens/s", out).groups()
     assert int(tokens_per_s.replace(",", "")) == pytest.approx(2 * 16 / (float(ms) / 1000), rel=0.02)  # the figures agree
     row = re.search(r"^  default\s+([\d,]+)\s+([\d,]+)\s+([\d.,]+)\s+([\d.,]+)$", out, re.M)
@@ -973,94 +867,11 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(single_process_run
         torch.testing.assert_close(ddp["model_state"][k], v, atol=1e-5, rtol=0)
 
 
-TP_SCRIPT = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-import distributed, train
-module = train.load_model_module({model!r})
-torch.manual_seed(0)
-model = module.Model(module.Config(vocab_size=256, **{overrides!r}))
-from test_all import randomize_constant_params
-randomize_constant_params(model)  # biases and norm gains start at 0 and 1: a TP mix-up of them would hide
-layout = distributed.init(distributed.layout_from_env(tp=2, fsdp=False), "cpu")
-distributed.validate(model, layout)
-model = distributed.parallelize(model, layout, "cpu")
-idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-logits, loss = model(idx, idx)
-if layout.master:
-    torch.save({{"logits": logits.detach(), "loss": loss.detach()}}, {out!r})
-dist.barrier()  # no rank tears gloo down while another still uses it
-dist.destroy_process_group()
-"""
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_tensor_parallel_logits_equal_one_process(model, tmp_path):
-    module = train.load_model_module(model)
-    overrides = {"block_size": 32} if "block_size" in config_keys(model) else {}
-    if not hasattr(module.Model, "tp_plan"):  # such a model must refuse --tp clearly
-        code, out = torchrun(*TINY_RUN, f"--model={model}", "--tp=2", "--max_iters=1", f"--out_dir={tmp_path}")
-        assert code != 0 and "has no tensor-parallel plan" in out, out
-        return
-    script = tmp_path / "tp.py"
-    script.write_text(TP_SCRIPT.format(root=ROOT, model=model, overrides=overrides, out=str(tmp_path / "tp.pt")))
-    code, out = torchrun(script=str(script))
-    assert code == 0, out
-    torch.manual_seed(0)
-    reference = randomize_constant_params(module.Model(module.Config(vocab_size=256, **overrides)))
-    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logits, loss = reference(idx, idx)
-    tp = torch.load(tmp_path / "tp.pt")
-    torch.testing.assert_close(tp["logits"], logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(tp["loss"], loss, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("model, extra", [("gpt2", []), ("llama", ["--n_kv_head=2"]),
-                                          ("moe", ["--n_kv_head=2", "--qk_norm=True"]), ("mla", [])])
-def test_tensor_parallel_training_of_each_model_follows_one_process(model, extra, tmp_path):
-    """gpt2's, llama's and moe's plans split the residual stream and the norms along the sequence, moe's qk_norm
-    gains see only a rank's heads, mla's latents are replicated: the gradients must still match one process."""
-    args = [*DIST_RUN[len(TINY_RUN):], f"--model={model}", "--batch_size=8", "--max_iters=4", *extra]
-    run_train(*args, out_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "c"))
-    code, out = torchrun(*TINY_RUN, *args, "--tp=2", f"--out_dir={tmp_path / 'tp'}", f"--cache_dir={tmp_path / 'c'}")
-    assert code == 0, out
-    assert_same_curve(curve(tmp_path / "tp"), curve(tmp_path / "one"))
-
-
-def test_fsdp_curve_sharded_resume_and_resume_on_one_process(single_process_run, tmp_path):
-    args = [*DIST_RUN, "--batch_size=4", "--fsdp=True", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}"]
-    code, out = torchrun(*args, "--max_iters=3")
-    assert code == 0, out
-    assert {"ckpt_dcp", "ckpt_meta.pt"} <= set(os.listdir(tmp_path)) and "ckpt.pt" not in os.listdir(tmp_path)
-    code, out = torchrun("--init_from=resume", "--max_iters=5", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}")
-    assert code == 0 and "resuming gpt2" in out, out
-    # one process, the same global batch (8 = 2 x 4): the curve goes on as if nothing had changed
-    run_train("--init_from=resume", "--max_iters=6", "--batch_size=8", out_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
-    assert_same_curve(curve(tmp_path), curve(single_process_run))
-    code, out = run_cli(f"--out_dir={tmp_path}", "--max_new_tokens=5", script="sample.py")  # sample.py reads DCP too
-    assert code == 0, out
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--tp=3"], "--tp=3 does not divide the 2 processes"),
-    (["--tp=2", "--n_head=1", "--n_embd=32"], "--tp=2 cannot split transformer.h.0.attn.c_q \\(1 heads of 32\\)"),
-])
-def test_bad_tp_fails_fast_on_every_rank(tmp_path, args, message):
-    import re
-    code, out = torchrun(*TINY_RUN, *args, "--max_iters=2", f"--out_dir={tmp_path}", timeout=120)
-    assert code != 0
-    assert len(re.findall("error: " + message, out)) == 2, out  # both ranks say it, neither hangs
-
-
-
 # ------------------------------------------------------------------------------------- llama.py
 # Tests of llama.py. The references are independent of gaia's code: Hugging Face transformers'
 # LlamaForCausalLM holding the same weights, the cache-free full forward, Meta's Llama 3.1 RoPE scaling and
 # the KV-cache size and FLOP formulas written out here, and the published widths of Llama 2 7B and Llama 3 8B.
-import dataclasses
 
-import llama
 
 LLAMA_VOCAB = 96
 
@@ -1365,9 +1176,7 @@ def test_llama_rejects_unsupported_checkpoints(tmp_path):
 # ------------------------------------------------------------------------------------- mamba.py
 # Tests of mamba.py (Mamba-1 and Mamba-2). References: transformers' MambaForCausalLM / Mamba2ForCausalLM holding
 # the same weights, step-by-step loops of the recurrence written here, and formulas for the state size and FLOPs.
-import dataclasses
 
-import mamba
 
 MAMBA_VOCAB = 97
 
@@ -1663,7 +1472,6 @@ def test_mamba_bad_input_errors(tmp_path):
 # Qwen3MoeForCausalLM holding the same weights, a slow per-token MoE loop written here, the balancing and
 # z-loss formulas computed here by hand (and transformers' load_balancing_loss_func), and the cache-free
 # full forward.
-import moe
 
 MOE_VOCAB = 96
 
@@ -2030,7 +1838,6 @@ def test_moe_aux_loss_lowers_expert_imbalance():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_moe_tp_plan_names_real_modules(qk_norm):
-    import re
     model = tiny_moe(n_layer=2, qk_norm=qk_norm)
     modules = dict(model.named_modules())
     styles = {}  # module path -> the name of its style, wildcards expanded as parallelize_module does
@@ -2051,7 +1858,6 @@ def test_moe_tp_plan_names_real_modules(qk_norm):
 # ------------------------------------------------------------------------------------- mla.py
 # Tests for mla.py (DeepSeek-V3: multi-head latent attention + DeepSeekMoE), against independent references:
 # transformers' DeepseekV3ForCausalLM holding the same weights, slow loops written here, and formulas.
-import mla
 
 MLA_VOCAB = 96
 # DeepSeek-V3's YaRN: cos/sin scaled by mscale(4, 1) / mscale(4, 0.707), the softmax by mscale(4, 0.707)^2 = 1.21;
@@ -2455,9 +2261,262 @@ def test_mla_benchmarks_run(capsys):
     finally:
         sys.argv = sys_argv
     out = capsys.readouterr().out
-    import re
     assert re.search(r"default\s+[\d,]+\s+640\s", out), out  # 2 layers * (kv_lora_rank 64 + rope 16) * 4 bytes
     assert "absorbed/expanded" in out and "70,272" in out  # DeepSeek-V3's shapes in bf16
+
+
+# ===================================================================================== every model file, one table
+# The tests that hold for every model file, parametrized over one table: a new model file gets all of them by adding
+# its row. A row: `build`, a tiny random gaia model; `hf`, a tiny random transformers model of the same architecture
+# (None for a file without interop); `tp`, the extra train.py keys for its tensor-parallel run (None: no tp_plan,
+# and --tp must say so).
+
+def hf_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=48, n_embd=32, n_layer=2, n_head=4))
+
+
+def hf_mamba2():
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    return perturbed_mamba(Mamba2ForCausalLM(Mamba2Config(vocab_size=MAMBA_VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                          state_size=8, num_heads=8, head_dim=8, n_groups=2, chunk_size=8)))
+
+
+MODEL_TABLE = {
+    "gpt2": dict(build=tiny_gpt2, hf=hf_gpt2, tp=[]),
+    "llama": dict(build=tiny_llama, hf=lambda: tiny_hf_llama(n_kv_head=2), tp=["--n_kv_head=2"]),
+    "mamba": dict(build=lambda: tiny_mamba(variant="mamba2"), hf=hf_mamba2, tp=None),
+    "mla": dict(build=tiny_mla, hf=hf_deepseek, tp=[]),
+    "moe": dict(build=tiny_moe, hf=lambda: hf_mixtral(4, 2, 2), tp=["--n_kv_head=2", "--qk_norm=True"]),
+}
+
+
+def test_the_table_has_a_row_for_every_model_file():
+    assert sorted(MODEL_TABLE) == MODELS
+
+
+# ------------------------------------------------------------------------------------- the model file's shape
+
+@pytest.mark.parametrize("model", MODELS)
+def test_sample_is_the_same_function_in_every_file(model):
+    """Each file carries its own copy of sample() (one file, one model); the copies must not drift apart."""
+    assert inspect.getsource(train.load_model_module(model).sample) == inspect.getsource(gpt2.sample)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone(model):
+    """Checkpoints store dataclasses.asdict(config) and train.py rebuilds Config(**it): nothing may be lost or
+    derived twice, and building the Model must not write into its config."""
+    m = MODEL_TABLE[model]["build"]()
+    before = dataclasses.asdict(m.config)
+    assert type(m.config)(**before) == m.config
+    type(m)(m.config)
+    assert dataclasses.asdict(m.config) == before
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_hugging_face_round_trip(model, tmp_path):
+    """transformers' model -> gaia (sharded safetensors) -> the same logits -> gaia's save_pretrained -> transformers."""
+    hf = MODEL_TABLE[model]["hf"]()
+    hf_roundtrip(train.load_model_module(model), hf, tmp_path, hf.config.vocab_size, max_shard_size="20KB")
+
+
+# ------------------------------------------------------------------------------------- decoding and sampling
+
+@pytest.mark.parametrize("model", MODELS)
+def test_cached_decode_matches_full_forward(model):
+    m = MODEL_TABLE[model]["build"]()
+    cache = m.make_cache(2, 16)
+    assert cache.pos == 0 and isinstance(cache.bytes_per_token, int) and cache.bytes_per_token >= 0
+    check_cached_decode(m, m.config.vocab_size, prompt_len=5, new_tokens=24)
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if "block_size" in config_keys(m)])
+def test_generation_past_block_size_slides_the_window(model):
+    """Past block_size, every token is predicted from the last block_size tokens (nanoGPT's crop): the logits
+    of each step equal a full forward over that cropped window."""
+    m = MODEL_TABLE[model]["build"]().eval()
+    block_size = m.config.block_size
+    prompt = torch.randint(0, m.config.vocab_size, (2, block_size - 5))
+    out, step_logits = m.generate(prompt, 12, temperature=0, return_logits=True)
+    idx, reference = prompt, []
+    with torch.no_grad():
+        for _ in range(12):  # the slow reference: a full forward over the cropped context for every token
+            logits, _ = m(idx[:, -block_size:])
+            reference.append(logits[:, -1])
+            idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
+    torch.testing.assert_close(step_logits, torch.stack(reference, dim=1), atol=1e-5, rtol=0)
+    assert torch.equal(out, idx)
+
+
+def nucleus_reference(probs, temperature=1.0, top_k=None, top_p=None):
+    """The distribution sample() must draw from, written out slowly: probs ** (1 / T) renormalised, then
+    the top_k most likely kept, then the most likely kept until the mass before the next one passes top_p."""
+    p = [x ** (1 / temperature) for x in probs]
+    p = [x / sum(p) for x in p]
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    keep = set(order[:top_k] if top_k else order)
+    if top_p is not None:
+        mass, nucleus = 0.0, set()
+        for i in (i for i in order if i in keep):
+            if mass > top_p:
+                break
+            nucleus.add(i)
+            mass += p[i] / sum(p[j] for j in keep)
+        keep = nucleus
+    return [p[i] / sum(p[j] for j in keep) if i in keep else 0.0 for i in range(len(p))]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.5, None, None), (1.0, 2, None),
+                                                       (1.0, None, 0.7), (2.0, 3, 0.7)])
+def test_sampling_draws_from_the_filtered_distribution(model, temperature, top_k, top_p):
+    sample = train.load_model_module(model).sample
+    probs = [0.05, 0.5, 0.15, 0.3]  # not sorted: an index mix-up in the top-p un-sort shows
+    logits = torch.log(torch.tensor([probs])).expand(40000, 4)  # one row per draw
+    torch.manual_seed(0)
+    draws = sample(logits, temperature, top_k, top_p).flatten()
+    frequency = torch.bincount(draws, minlength=4).double() / len(draws)
+    expected = torch.tensor(nucleus_reference(probs, temperature, top_k, top_p), dtype=torch.float64)
+    torch.testing.assert_close(frequency, expected, atol=0.012, rtol=0)  # 5 standard errors of 40,000 draws
+    assert torch.equal(sample(logits[:2], temperature=0), torch.tensor([[1], [1]]))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_generate_passes_its_filters_to_sampling(model):
+    """top_k=1 at temperature 1 can only pick the most likely token: generate must equal greedy decoding."""
+    m = MODEL_TABLE[model]["build"]().eval()
+    prompt = torch.randint(0, m.config.vocab_size, (2, 4))
+    greedy = m.generate(prompt, 6, temperature=0)
+    assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_p=1e-6), greedy)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_bench_decode_runs_for_every_model(model, capsys):
+    """bench.py decode reads every model's cache the same way: make_cache(...).bytes_per_token."""
+    import bench
+    sys_argv = sys.argv
+    try:
+        sys.argv = ["bench.py", "decode", f"--model={model}", "--context=4", "--new_tokens=3", "--no_cache_tokens=1",
+                    "--repeats=1", "--vocab_size=64", "--n_layer=1"]
+        bench.main()
+    finally:
+        sys.argv = sys_argv
+    row = re.search(r"^  default\s+([\d,]+)\s+([\d,]+)\s", capsys.readouterr().out, re.M)
+    m = train.load_model_module(model)
+    assert int(row.group(2).replace(",", "")) == m.Model(m.Config(vocab_size=64, n_layer=1)).make_cache(1, 1).bytes_per_token
+
+
+# ------------------------------------------------------------------------------------- training with train.py
+
+@pytest.mark.parametrize("model", MODELS)
+def test_short_run_loss_falls(model, tmp_path):
+    rows = run_train(f"--model={model}", "--max_iters=40", "--eval_interval=40", out_dir=str(tmp_path))
+    evals = [r for r in rows if "val_loss" in r]
+    first, last = evals[0], evals[-1]
+    assert first["iter"] == 0 and last["iter"] == 40
+    if model == "gpt2":  # at init the prediction is near uniform over the 256 bytes
+        assert abs(first["train_loss"] - math.log(256)) < 0.3
+    assert last["train_loss"] < first["train_loss"] - 1.0, (first, last)
+    assert last["val_loss"] < first["val_loss"] - 1.0, (first, last)
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows if "loss" in r)
+    assert os.path.getsize(tmp_path / "dashboard.png") > 1000
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_resume_is_bit_identical(model, tmp_path):
+    """A run stopped at iter 6 and resumed to 12 logs exactly the losses of an unbroken 12-iter run."""
+    has_dropout = "dropout" in config_keys(model)
+    common = [f"--model={model}", "--lr_decay_iters=12", "--eval_interval=3"] + (["--dropout=0.1"] if has_dropout else [])
+    whole = run_train(*common, "--max_iters=12", out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"))
+    run_train(*common, "--max_iters=6", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    resumed = run_train("--init_from=resume", "--max_iters=12", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    assert len(losses(whole)) == 12
+    assert losses(resumed) == losses(whole)
+    assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
+
+
+# ------------------------------------------------------------------------------------- tensor parallel (gloo, 2 CPU processes)
+
+TP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import distributed, train
+module = train.load_model_module({model!r})
+torch.manual_seed(0)
+model = module.Model(module.Config(vocab_size=256, **{overrides!r}))
+from test_all import randomize_constant_params
+randomize_constant_params(model)  # biases and norm gains start at 0 and 1: a TP mix-up of them would hide
+layout = distributed.init(distributed.layout_from_env(tp=2, fsdp=False), "cpu")
+distributed.validate(model, layout)
+model = distributed.parallelize(model, layout, "cpu")
+idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+logits, loss = model(idx, idx)
+if layout.master:
+    torch.save({{"logits": logits.detach(), "loss": loss.detach()}}, {out!r})
+dist.barrier()  # no rank tears gloo down while another still uses it
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_curve_sharded_resume_and_resume_on_one_process(single_process_run, tmp_path):
+    args = [*DIST_RUN, "--batch_size=4", "--fsdp=True", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}"]
+    code, out = torchrun(*args, "--max_iters=3")
+    assert code == 0, out
+    assert {"ckpt_dcp", "ckpt_meta.pt"} <= set(os.listdir(tmp_path)) and "ckpt.pt" not in os.listdir(tmp_path)
+    code, out = torchrun("--init_from=resume", "--max_iters=5", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}")
+    assert code == 0 and "resuming gpt2" in out, out
+    # one process, the same global batch (8 = 2 x 4): the curve goes on as if nothing had changed
+    run_train("--init_from=resume", "--max_iters=6", "--batch_size=8", out_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert_same_curve(curve(tmp_path), curve(single_process_run))
+    code, out = run_cli(f"--out_dir={tmp_path}", "--max_new_tokens=5", script="sample.py")  # sample.py reads DCP too
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp=3"], "--tp=3 does not divide the 2 processes"),
+    (["--tp=2", "--n_head=1", "--n_embd=32"], "--tp=2 cannot split transformer.h.0.attn.c_q \\(1 heads of 32\\)"),
+])
+def test_bad_tp_fails_fast_on_every_rank(tmp_path, args, message):
+    code, out = torchrun(*TINY_RUN, *args, "--max_iters=2", f"--out_dir={tmp_path}", timeout=120)
+    assert code != 0
+    assert len(re.findall("error: " + message, out)) == 2, out  # both ranks say it, neither hangs
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tensor_parallel_logits_equal_one_process(model, tmp_path):
+    module = train.load_model_module(model)
+    overrides = {"block_size": 32} if "block_size" in config_keys(model) else {}
+    if MODEL_TABLE[model]["tp"] is None:  # such a model must refuse --tp clearly
+        assert not hasattr(module.Model, "tp_plan")
+        code, out = torchrun(*TINY_RUN, f"--model={model}", "--tp=2", "--max_iters=1", f"--out_dir={tmp_path}")
+        assert code != 0 and "has no tensor-parallel plan" in out, out
+        return
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT.format(root=ROOT, model=model, overrides=overrides, out=str(tmp_path / "tp.pt")))
+    code, out = torchrun(script=str(script))
+    assert code == 0, out
+    torch.manual_seed(0)
+    reference = randomize_constant_params(module.Model(module.Config(vocab_size=256, **overrides)))
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, loss = reference(idx, idx)
+    tp = torch.load(tmp_path / "tp.pt")
+    torch.testing.assert_close(tp["logits"], logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tp["loss"], loss, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if MODEL_TABLE[m]["tp"] is not None])
+def test_tensor_parallel_training_follows_one_process(model, tmp_path):
+    """gpt2's, llama's and moe's plans split the residual stream and the norms along the sequence, moe's qk_norm
+    gains see only a rank's heads, mla's latents are replicated: the gradients must still match one process."""
+    args = [*DIST_RUN[len(TINY_RUN):], f"--model={model}", "--batch_size=8", "--max_iters=4", *MODEL_TABLE[model]["tp"]]
+    run_train(*args, out_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "c"))
+    code, out = torchrun(*TINY_RUN, *args, "--tp=2", f"--out_dir={tmp_path / 'tp'}", f"--cache_dir={tmp_path / 'c'}")
+    assert code == 0, out
+    assert_same_curve(curve(tmp_path / "tp"), curve(tmp_path / "one"))
 
 
 if __name__ == "__main__":

@@ -437,7 +437,7 @@ def configure(argv):
     train_keys = configurator.key_table(TrainConfig)
     model_keys = {k: v for k, v in configurator.key_table(module.Config).items() if k not in train_keys}
     if "help" in overrides:
-        configurator.print_help([("train.py keys", train_keys), (f"{name}.py model keys", model_keys)])
+        configurator.print_help("train.py", [("train.py keys", train_keys), (f"{name}.py model keys", model_keys)])
         sys.exit(0)
     values, explicit = configurator.resolve(files, overrides, {**train_keys, **model_keys})
     if ckpt is not None:  # a resumed run continues the stored one, except for what the user sets now
@@ -612,10 +612,10 @@ def train(argv):
         torch.backends.cudnn.allow_tf32 = True
 
     tokenizer = get_tokenizer(cfg.tokenizer)
-    cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gaia")
-    train_tokens, val_tokens = load_splits(cfg.data, tokenizer, cache_dir, cfg.block_size)
     model = build_model(cfg, module, model_cfg, ckpt, explicit, tokenizer.vocab_size)
     distributed.validate(model, layout)  # before any collective: a bad layout fails on every rank, none hangs
+    cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gaia")
+    train_tokens, val_tokens = load_splits(cfg.data, tokenizer, cache_dir, cfg.block_size)
     distributed.init(layout, dev_type)
     raw_model = model.to(device)
     model = distributed.parallelize(raw_model, layout, device)
