@@ -2416,12 +2416,14 @@ def test_short_run_loss_falls(model, tmp_path):
     evals = [r for r in rows if "val_loss" in r]
     first, last = evals[0], evals[-1]
     assert first["iter"] == 0 and last["iter"] == 40
-    if model == "gpt2":  # at init the prediction is near uniform over the 256 bytes
-        assert abs(first["train_loss"] - math.log(256)) < 0.3
-    assert last["train_loss"] < first["train_loss"] - 1.0, (first, last)
-    assert last["val_loss"] < first["val_loss"] - 1.0, (first, last)
+    # at init every model predicts near uniformly over the 256 bytes (a wrong init scale shows here)
+    assert abs(first["train_loss"] - math.log(256)) < 0.15 and abs(first["val_loss"] - math.log(256)) < 0.15, first
+    assert last["train_loss"] < first["train_loss"] - 1.5, (first, last)
+    assert last["val_loss"] < first["val_loss"] - 1.5, (first, last)
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows if "loss" in r)
-    assert os.path.getsize(tmp_path / "dashboard.png") > 1000
+    import matplotlib.image
+    panels = 3 + sum(isinstance(v, list) for v in rows[-2].values())  # loss, lr, tokens/s, one per 2-D metric
+    assert matplotlib.image.imread(tmp_path / "dashboard.png").shape[:2] == (4 * 80, 5 * panels * 80)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -39,32 +39,32 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 class TrainConfig:
     model: str = "gpt2"              # a model file beside train.py: gpt2, llama, moe, mla, mamba, ...
     data: str = ""                   # a .txt file or a folder of .txt files; "" = the built-in corpus
-    tokenizer: str = "gpt2"          # gpt2 (tiktoken BPE) | byte (UTF-8 bytes, vocab 256)
+    tokenizer: str = "byte"          # byte (UTF-8 bytes, vocab 256) | gpt2 (tiktoken BPE) | PATH of a tokenizer.json
     out_dir: str = "out"
     cache_dir: str = ""              # where tokenized data is cached; "" = ~/.cache/gaia
     init_from: str = "scratch"       # scratch | resume (from out_dir) | a local Hugging Face model directory
     vocab_size: int | None = None    # None = the tokenizer's
     block_size: int = 128            # context length of each training sequence
-    batch_size: int = 4              # sequences per micro-step (per process)
+    batch_size: int = 16             # sequences per micro-step (per process)
     gradient_accumulation_steps: int = 1
-    max_iters: int = 300
-    learning_rate: float = 1e-3
+    max_iters: int = 800
+    learning_rate: float = 2e-3
     min_lr: float = 1e-4
-    warmup_iters: int = 20
+    warmup_iters: int = 30
     lr_decay_iters: int | None = None  # None = max_iters
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0           # 0 = no clipping
-    eval_interval: int = 100
+    eval_interval: int = 200
     eval_iters: int = 10
-    log_interval: int = 10
+    log_interval: int = 50
     always_save_checkpoint: bool = True  # False: save only when val loss improves
     device: str = "auto"             # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype: str = "auto"              # auto (bfloat16 on GPUs that have it, else float16; float32 on cpu) | float32 | bfloat16 | float16
     compile: bool = False            # torch.compile the model
     seed: int = 1337
-    sample_tokens: int = 200         # length of the text sample at the end; 0 = none
+    sample_tokens: int = 500         # length of the text sample at the end; 0 = none
     sample_prompt: str = "\n"
     temperature: float = 0.8
     top_k: int | None = 200
