@@ -120,6 +120,12 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (diverged loss, incompatible checkpoint); the message says what to do."""
 
 
+def first_line(error):
+    """An exception as one line, for the error messages that quote what a library raised."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 class Stopped(Exception):
     """The run stopped on Ctrl-C after saving a checkpoint; the message says how to continue."""
 
@@ -150,7 +156,7 @@ def load_checkpoint(out_dir, map_location="cpu"):
             try:
                 ckpt = torch.load(path, map_location=map_location, weights_only=True)
             except Exception as e:  # truncated, empty, or not written by torch.save: whatever torch raises
-                raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+                raise TrainingError(f"{path} cannot be read ({first_line(e)}); "
                                     f"it is truncated or not a gaia checkpoint. Resume from a good copy, or start a "
                                     f"new run in another --out_dir (this file is left as it is)") from None
             if not isinstance(ckpt, dict) or "model_name" not in ckpt:
@@ -173,10 +179,12 @@ def load_weights(model, state, path):
     """state -> model; a checkpoint whose tensor names or shapes do not fit this model file is refused in one line."""
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        missing, unexpected = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
+    except RuntimeError as e:  # names missing or unexpected, or shapes that differ
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        resized = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
         detail = (f"missing {missing[:2]}, unexpected {unexpected[:2]}" if missing or unexpected
-                  else str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e))
+                  else ", ".join(resized[:2]) or first_line(e))
         raise TrainingError(f"{path} does not fit {type(model).__module__}.py's parameters ({detail}): it was written by "
                             f"another version of the model file. Resume it with the gaia version that wrote it, or start "
                             f"a new run in another --out_dir") from None
@@ -350,8 +358,7 @@ class MetricsLog:
                 import wandb
                 self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config)
             except Exception as e:  # not installed, not logged in, no network: wandb raises many types
-                raise ConfigError(f"wandb_log=True but wandb could not start ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); run `wandb login`, "
+                raise ConfigError(f"wandb_log=True but wandb could not start ({first_line(e)}); run `wandb login`, "
                                   f"or log offline with WANDB_MODE=offline (then `wandb sync`), or drop --wandb_log") from None
         if cfg.tensorboard_log:
             try:
