@@ -790,7 +790,7 @@ def main(argv=None):
         print(e, file=sys.stderr)
         sys.exit(130)  # the shell's code for a run ended by Ctrl-C
     except KeyboardInterrupt:
-        print("interrupted at once (second Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+        print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)  # before training, or a second Ctrl-C
         sys.exit(130)
 
 
