@@ -82,8 +82,11 @@ class HFTokenizer:
         eos = None
         config = os.path.join(os.path.dirname(file), "tokenizer_config.json")
         if os.path.isfile(config):
-            with open(config) as f:
-                eos = json.load(f).get("eos_token")
+            try:
+                with open(config) as f:
+                    eos = json.load(f).get("eos_token")
+            except ValueError as e:
+                raise DataError(f"{config} is not valid JSON ({e}); fix or remove it") from None
             eos = eos.get("content") if isinstance(eos, dict) else eos
         ids = [self.tok.token_to_id(t) for t in ([eos] if eos else []) + list(self.END_TOKENS)]
         self.eot = next((i for i in ids if i is not None), None)

@@ -1,18 +1,19 @@
 """
 Export a gaia checkpoint to a Hugging Face directory that transformers loads (config.json + model.safetensors,
-plus the run's tokenizer.json when it was trained with one):
+plus the run's tokenizer.json when it was trained with one; a byte or GPT-2 BPE run is recorded in config.json
+as gaia_tokenizer, which train.py and sample.py read back):
 
     python export.py --out_dir=out --hf_dir=out/hf
     python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/hf')"
 """
+import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 
 import configurator
 from configurator import ConfigError
-from train import TrainingError, load_checkpoint, load_model_module, model_from_checkpoint
+from train import cli, load_checkpoint, load_model_module, model_from_checkpoint
 
 
 @dataclass
@@ -32,19 +33,22 @@ def run(argv):
         model.save_pretrained(hf_dir)
     except OSError as e:
         raise ConfigError(f"cannot write hf_dir={hf_dir!r} ({e.strerror}); point --hf_dir at a writable folder") from None
-    tokenizer = ckpt.get("tokenizer", "")
+    except ValueError as e:  # a setting the Hugging Face architecture cannot express: the model file says which
+        raise ConfigError(f"{ckpt['model_name']} cannot be exported to Hugging Face: {e}") from None
+    tokenizer = ckpt["tokenizer"]
     source = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
-    if source.endswith(".json") and os.path.isfile(source):  # a Hugging Face tokenizer travels with the weights
+    if os.path.isfile(source):  # a Hugging Face tokenizer travels with the weights
         shutil.copy(source, os.path.join(hf_dir, "tokenizer.json"))
+    else:  # byte or gpt2: transformers ignores the key; gaia reads it back
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(hf_dir, "config.json"), "w") as f:
+            json.dump({**config, "gaia_tokenizer": tokenizer}, f, indent=2)
     print(f"wrote {ckpt['model_name']} (iter {ckpt['iter_num']}) to {hf_dir}; tokenizer: {tokenizer}")
 
 
 def main(argv=None):
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,15 @@ Sample text from a trained gaia model or a local Hugging Face model directory.
     python sample.py --init_from=path/to/hf_llama --model=llama --prompt="Hello"   # the directory's own tokenizer
 """
 import contextlib
-import sys
 from dataclasses import dataclass
 
 import torch
 
 import configurator
 from configurator import ConfigError
-from data import DataError, get_tokenizer
-from train import (TrainingError, device_type, hf_dir_tokenizer, load_checkpoint, load_model_module,
-                   model_from_checkpoint, pick_device, pick_dtype, device_rules, sampling_rules)
+from data import get_tokenizer
+from train import (cli, device_rules, device_type, hf_dir_tokenizer, load_checkpoint, load_model_module, load_pretrained,
+                   model_from_checkpoint, pick_device, pick_dtype, sampling_rules)
 
 
 @dataclass
@@ -23,7 +22,7 @@ class SampleConfig:
     out_dir: str = "out"            # a training run's folder (ckpt.pt inside)
     init_from: str = "resume"       # resume (from out_dir) | a local Hugging Face model directory
     model: str = "gpt2"             # model file, for init_from=HF directory
-    tokenizer: str = ""             # "" = the checkpoint's (for HF directories: their tokenizer.json, else gpt2) | gpt2 | byte | PATH
+    tokenizer: str = ""             # "" = the one the model was trained with (an HF directory's tokenizer.json) | gpt2 | byte | PATH
     prompt: str = "\n"              # text, or FILE:path to read it from a file
     num_samples: int = 1
     max_new_tokens: int = 200
@@ -58,13 +57,12 @@ def load(cfg):
     """(model, tokenizer name) from a run's checkpoint or a Hugging Face directory."""
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(cfg.out_dir)
-        model = model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]), cfg.out_dir)
-        return model, cfg.tokenizer or ckpt["tokenizer"]
-    try:
-        model = load_model_module(cfg.model).Model.from_pretrained(cfg.init_from)
-    except (ValueError, OSError) as e:  # another architecture, a folder without config.json or weights
-        raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
-    return model, cfg.tokenizer or hf_dir_tokenizer(cfg.init_from) or "gpt2"
+        if cfg.tokenizer and cfg.tokenizer != ckpt["tokenizer"]:  # other ids than the model was trained on
+            raise ConfigError(f"{ckpt['path']} was trained with tokenizer={ckpt['tokenizer']!r}, not {cfg.tokenizer!r}; "
+                              f"drop --tokenizer")
+        return model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]), cfg.out_dir), ckpt["tokenizer"]
+    model = load_pretrained(load_model_module(cfg.model), cfg.init_from)
+    return model, cfg.tokenizer or hf_dir_tokenizer(cfg.init_from)
 
 
 def run(argv):
@@ -79,7 +77,7 @@ def run(argv):
     vocab = getattr(model.config, "vocab_size", tokenizer.vocab_size)
     if tokenizer.vocab_size > vocab:  # its ids would index past the model's embedding
         raise ConfigError(f"the {tokenizer_name} tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                          f"is {vocab}; drop --tokenizer to use the one the model was trained with")
+                          f"is {vocab}; pass the tokenizer the model was trained with")
     model.to(device)
     prompt = cfg.prompt
     if prompt.startswith("FILE:"):
@@ -96,12 +94,7 @@ def run(argv):
 
 
 def main(argv=None):
-    """The command line: every mistake the project can name ends in one `error:` line and exit code 1."""
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, DataError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(run, argv)
 
 
 if __name__ == "__main__":

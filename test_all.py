@@ -31,6 +31,7 @@ import mamba  # noqa: E402
 import mla  # noqa: E402
 import moe  # noqa: E402
 import train  # noqa: E402
+from export import main as export_main  # noqa: E402
 from sample import main as sample_main  # noqa: E402
 
 MODELS = train.model_files()
@@ -490,6 +491,8 @@ def test_a_hugging_face_tokenizer_trains_samples_and_exports(tmp_path, capsys):
               "--eval_interval=2", "--n_layer=1", out_dir=str(tmp_path / "run"))
     code, out = run_main(capsys, f"--out_dir={tmp_path / 'run'}", "--max_new_tokens=3", "--prompt=The quick", main=sample_main)
     assert code == 0 and out.startswith("The quick"), out
+    code, out = run_main(capsys, f"--out_dir={tmp_path / 'run'}", f"--hf_dir={tmp_path / 'run_hf'}", main=export_main)
+    assert code == 0 and (tmp_path / "run_hf" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
 
     hf = tmp_path / "hf"  # a pretrained model directory with its own tokenizer.json
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -502,8 +505,7 @@ def test_a_hugging_face_tokenizer_trains_samples_and_exports(tmp_path, capsys):
                          main=sample_main)
     assert code == 0 and out.startswith("Pack my"), out
 
-    import export
-    export.main([f"--out_dir={tmp_path / 'ft'}", f"--hf_dir={tmp_path / 'exported'}"])
+    export_main([f"--out_dir={tmp_path / 'ft'}", f"--hf_dir={tmp_path / 'exported'}"])
     assert (tmp_path / "exported" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
     ours = train.model_from_checkpoint(train.load_checkpoint(str(tmp_path / "ft")), train.load_model_module("llama"),
                                        str(tmp_path / "ft")).eval()
@@ -511,6 +513,45 @@ def test_a_hugging_face_tokenizer_trains_samples_and_exports(tmp_path, capsys):
     idx = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
+
+
+def test_token_cache_holds_ids_past_65535_and_is_keyed_by_the_tokenizer(tmp_path):
+    """A vocabulary over 65,536 (Llama 3's 128,256) needs uint32 ids; two tokenizer.json files never share a cache;
+    the end-of-document token comes from tokenizer_config.json's eos_token when the directory has one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = {f"w{i}": i for i in range(70000)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    (tmp_path / "big").mkdir()
+    tok.save(str(tmp_path / "big" / "tokenizer.json"))
+    (tmp_path / "big" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "w69001"}}))
+    big = data.get_tokenizer(str(tmp_path / "big"))
+    assert big.vocab_size == 70000 and big.eot == 69001  # not on the list of usual end-token names
+    text = "w69999 w1 w65536 w65535 w42"
+    file, n = data.tokenize_to_cache([("doc", text.encode())], big, str(tmp_path / "c"))
+    assert np.fromfile(file, dtype=np.uint32).tolist() == [69999, 1, 65536, 65535, 42, 69001]
+    small_bpe(tmp_path / "a.json", "the quick brown fox " * 50)
+    small_bpe(tmp_path / "b.json", "pack my box with jugs " * 50)
+    docs = [("doc", b"the quick brown fox")]
+    paths = {data.tokenize_to_cache(docs, data.get_tokenizer(str(tmp_path / f)), str(tmp_path / "c"))[0] for f in ("a.json", "b.json")}
+    assert len(paths) == 2
+
+
+def test_interval_means_in_the_log_line(tmp_path, monkeypatch):
+    """time and tok/s are means over the log interval: with a clock whose steps take 2, 3, 4, 5 ms, the line at
+    iter 2 says 2.5 ms and the line at iter 4 says 4.5 ms (not 3.5, the mean since the start)."""
+    ticks = iter(range(10 ** 6))
+    clock = [0.0]
+
+    def fake_clock():  # call k advances the clock by k ms: each step takes longer than the one before
+        clock[0] += next(ticks) / 1000
+        return clock[0]
+    monkeypatch.setattr(train, "perf_counter", fake_clock)
+    rows = run_train("--max_iters=4", "--log_interval=2", "--eval_interval=1000", "--n_layer=1", out_dir=str(tmp_path))
+    steps = [r for r in rows if "loss" in r]
+    # calls: 0 before the loop, 1 after the eval at iter 0, then 2, 3, 4, 5 after each step: steps take 2, 3, 4, 5 ms
+    assert [r["iter"] for r in steps] == [2, 4]
+    assert [8 * 32 / r["tokens_per_s"] * 1000 for r in steps] == pytest.approx([2.5, 4.5])
 
 
 # ------------------------------------------------------------------------------------- the command line and bad input
@@ -660,6 +701,40 @@ def test_fine_tuning_another_architecture_gives_one_clear_line(tmp_path, capsys)
         assert code == 1 and "Traceback" not in out and "holds a 'llama' model, not gpt2" in out, out
 
 
+def test_a_pretrained_directory_knows_its_tokenizer_or_says_so(tmp_path, capsys):
+    """An exported byte run records its tokenizer in config.json, and fine-tuning or sampling it uses bytes again; a
+    directory with neither tokenizer.json nor that record asks for --tokenizer; a damaged safetensors file, an
+    unexportable setting: one line each."""
+    run_train("--max_iters=2", "--eval_interval=2", "--n_layer=1", out_dir=str(tmp_path / "run"))
+    assert export_main([f"--out_dir={tmp_path / 'run'}"]) is None
+    hf = tmp_path / "run" / "hf"
+    assert json.loads((hf / "config.json").read_text())["gaia_tokenizer"] == "byte"
+    train.train([*TINY_RUN[1:], f"--init_from={hf}", "--max_iters=1", f"--out_dir={tmp_path / 'ft'}",  # no --tokenizer
+                 f"--cache_dir={tmp_path / 'c'}"])
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["tokenizer"] == "byte"
+    code, out = run_main(capsys, f"--init_from={hf}", "--max_new_tokens=3", "--prompt=ab", main=sample_main)
+    assert code == 0 and out.startswith("ab"), out
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "gaia_tokenizer"}))
+    for main, args in ((train.main, [*TINY_RUN[1:], f"--out_dir={tmp_path / 'o'}"]), (sample_main, [])):
+        code, out = run_main(capsys, f"--init_from={hf}", *args, main=main)
+        assert code == 1 and "has no tokenizer.json" in out and "--tokenizer=byte" in out, out
+    weights = hf / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for main, args in ((train.main, [*TINY_RUN, f"--out_dir={tmp_path / 'o'}"]), (sample_main, ["--tokenizer=byte"])):
+        code, out = run_main(capsys, f"--init_from={hf}", *args, main=main)
+        assert code == 1 and "Traceback" not in out and f"error: {hf} cannot be loaded" in out, out
+    run_train("--model=moe", "--max_iters=1", "--eval_interval=1", "--n_layer=1", "--norm_topk_prob=False",
+              out_dir=str(tmp_path / "moe"))
+    code, out = run_main(capsys, f"--out_dir={tmp_path / 'moe'}", main=export_main)
+    assert code == 1 and "Traceback" not in out and "error: moe cannot be exported to Hugging Face" in out, out
+
+
+def test_cpu_anchor_names_a_missing_script(tmp_path):
+    code, out = run_cli("cpu-anchor", f"--anchor={tmp_path / 'nope.sh'}", f"--data={tmp_path / 'x.txt'}", script="bench.py")
+    assert code == 1 and f"error: --anchor={tmp_path / 'nope.sh'} is not a file" in out, out
+
+
 def test_wandb_without_a_login_gives_one_clear_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path))  # no ~/.netrc login
@@ -675,49 +750,51 @@ def test_wandb_without_a_login_gives_one_clear_line(tmp_path):
     (["--top_k=0"], "top_k=0 must be >= 1"), (["--top_k=-5"], "top_k=-5 must be >= 1"),
     (["--top_p=-0.5"], "top_p=-0.5 must be in \\(0, 1\\]"), (["--top_p=2"], "top_p=2.0 must be in"),
     (["--temperature=-1"], "temperature=-1.0 must be >= 0"), (["--num_samples=0"], "num_samples=0 must be >= 1"),
-    (["--tokenizer=gpt2"], "the gpt2 tokenizer has 50257 tokens but the model's vocabulary is 256; drop --tokenizer"),
+    (["--tokenizer=gpt2"], "ckpt.pt was trained with tokenizer='byte', not 'gpt2'; drop --tokenizer"),
     (["--prompt=FILE:/nonexistent.txt"], "cannot read the prompt file"),
 ])
 def test_sample_bad_input_gives_one_clear_line(tmp_path_factory, capsys, args, message):
     out_dir = tmp_path_factory.getbasetemp() / "sample_bad_input"
     if not (out_dir / "ckpt.pt").exists():
         run_train("--max_iters=1", "--eval_interval=1", "--n_layer=1", out_dir=str(out_dir))
-    if args == ["--tokenizer=gpt2"]:
-        pytest.importorskip("tiktoken")
-        try:
-            data.get_tokenizer("gpt2")
-        except data.DataError:
-            pytest.skip("the GPT-2 BPE files are not available offline here")
     code, out = run_main(capsys, f"--out_dir={out_dir}", "--max_new_tokens=2", *args, main=sample_main)
     assert code == 1 and "Traceback" not in out, out
     assert re.search("error: .*" + message, out), out
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(tmp_path):
-    """Ctrl-C finishes the step, saves, says how to resume; the resumed run continues the unbroken run exactly."""
-    common = [sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--n_layer=1", "--dropout=0.1",
-              "--lr_decay_iters=1000", "--eval_interval=1000", f"--cache_dir={tmp_path / 'c'}"]
-    p = subprocess.Popen([*common, "--max_iters=100000", f"--out_dir={tmp_path / 'a'}"], cwd=ROOT, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+@pytest.mark.parametrize("signum, always_save", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(tmp_path, signum, always_save):
+    """Ctrl-C (or a cluster's SIGTERM) finishes the step, saves, says how to resume; the resumed run continues the
+    unbroken run exactly, evals included (one every step here: the stopped step's eval had not run). When only the
+    best-val checkpoint is kept, it moves aside to ckpt_best.pt instead of being overwritten."""
+    keys = [*TINY_RUN, "--n_layer=1", "--dropout=0.1", "--lr_decay_iters=1000", "--eval_interval=1",
+            f"--always_save_checkpoint={always_save}", f"--cache_dir={tmp_path / 'c'}"]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *keys, "--max_iters=100000",
+                          f"--out_dir={tmp_path / 'a'}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
     for line in p.stdout:  # let it train a few steps, then press Ctrl-C
         lines.append(line)
         if line.startswith("iter 5:"):
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signum)
             break
     out = "".join(lines) + p.communicate(timeout=120)[0]
     assert p.returncode == 130 and "Traceback" not in out, out
     stopped = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["iter_num"]
     assert f"stopped at iter {stopped}; saved {tmp_path / 'a' / 'ckpt.pt'}" in out, out
     assert f"python train.py --init_from=resume --out_dir={tmp_path / 'a'}" in out
+    if not always_save:
+        best = torch.load(tmp_path / "a" / "ckpt_best.pt", weights_only=True)
+        assert f"(the best-val checkpoint moved to {tmp_path / 'a' / 'ckpt_best.pt'})" in out
+        assert best["val_loss"] == best["best_val_loss"] and best["iter_num"] <= stopped
+    keys = [k for k in keys[len(TINY_RUN):] if not k.startswith("--cache_dir")]
     run_train("--init_from=resume", f"--max_iters={stopped + 3}", out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"))
-    whole = run_train("--n_layer=1", "--dropout=0.1", "--lr_decay_iters=1000", "--eval_interval=1000",
-                      f"--max_iters={stopped + 3}", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
-    with open(tmp_path / "a" / "metrics.jsonl") as f:
-        resumed = [json.loads(line) for line in f]
+    whole = run_train(*keys, f"--max_iters={stopped + 3}", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    resumed = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    evals = lambda rows: [(r["iter"], r["val_loss"]) for r in rows if "val_loss" in r]
     assert losses(resumed) == losses(whole) and len(losses(whole)) == stopped + 3
-    assert [r["iter"] for r in resumed if "val_loss" in r] == [0, stopped + 3]
+    assert evals(resumed) == evals(whole) and [i for i, _ in evals(whole)] == list(range(stopped + 4))
 
 
 def test_nan_loss_stops_with_a_hint_and_keeps_the_checkpoint(tmp_path, capsys):
@@ -751,18 +828,21 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
         run_train("--max_iters=1", "--tensorboard_log=True", out_dir=str(tmp_path))
 
 
-def test_bench_runs_for_a_model(capsys):
+def run_bench(monkeypatch, capsys, *commands):
+    """bench.py's main() in this process for each command line; returns what they printed."""
     import bench
-    sys_argv = sys.argv
-    try:
-        for argv in (["bench.py", "train", "--batch_size=2", "--block_size=16", "--iters=1", "--warmup=0", "--vocab_size=64"],
-                     ["bench.py", "decode", "--context=4", "--new_tokens=3", "--no_cache_tokens=2", "--repeats=1", "--vocab_size=64"],
-                     ["bench.py", "gelu", "--shape=4,8", "--repeats=1"]):
-            sys.argv = argv
-            bench.main()
-    finally:
-        sys.argv = sys_argv
-    out = capsys.readouterr().out
+    capsys.readouterr()
+    for argv in commands:
+        monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+        bench.main()
+    return capsys.readouterr().out
+
+
+def test_bench_runs_for_a_model(monkeypatch, capsys):
+    out = run_bench(monkeypatch, capsys,
+                    ["train", "--batch_size=2", "--block_size=16", "--iters=1", "--warmup=0", "--vocab_size=64"],
+                    ["decode", "--context=4", "--new_tokens=3", "--no_cache_tokens=2", "--repeats=1", "--vocab_size=64"],
+                    ["gelu", "--shape=4,8", "--repeats=1"])
     ms, tokens_per_s = re.search(r"B=2 T=16: median ([\d.]+) ms/iter over 1 iters, ([\d,]+) tokens/s", out).groups()
     assert int(tokens_per_s.replace(",", "")) == pytest.approx(2 * 16 / (float(ms) / 1000), rel=0.02)  # the figures agree
     row = re.search(r"^  default\s+([\d,]+)\s+([\d,]+)\s+([\d.,]+)\s+([\d.,]+)$", out, re.M)
@@ -2245,20 +2325,13 @@ def test_mla_bad_input(tmp_path):
         mla.Model.from_pretrained(str(tmp_path / "gaia"))
 
 
-def test_mla_benchmarks_run(capsys):
+def test_mla_benchmarks_run(monkeypatch, capsys):
     """bench.py decode --model=mla reports the latent cache's bytes per token; bench.py mla runs its three caches."""
-    import bench
-    sys_argv = sys.argv
-    try:
-        for argv in (["bench.py", "decode", "--model=mla", "--context=4", "--new_tokens=3", "--no_cache_tokens=2",
-                      "--repeats=1", "--vocab_size=64", "--n_layer=2"],
-                     ["bench.py", "mla", "--contexts=8", "--new_tokens=2", "--repeats=1", "--vocab_size=64",
-                      "--n_layer=1", "--n_head=2", "--n_embd=32"]):
-            sys.argv = argv
-            bench.main()
-    finally:
-        sys.argv = sys_argv
-    out = capsys.readouterr().out
+    out = run_bench(monkeypatch, capsys,
+                    ["decode", "--model=mla", "--context=4", "--new_tokens=3", "--no_cache_tokens=2", "--repeats=1",
+                     "--vocab_size=64", "--n_layer=2"],
+                    ["mla", "--contexts=8", "--new_tokens=2", "--repeats=1", "--vocab_size=64", "--n_layer=1",
+                     "--n_head=2", "--n_embd=32"])
     assert re.search(r"default\s+[\d,]+\s+640\s", out), out  # 2 layers * (kv_lora_rank 64 + rope 16) * 4 bytes
     assert "absorbed/expanded" in out and "70,272" in out  # DeepSeek-V3's shapes in bf16
 
@@ -2391,17 +2464,11 @@ def test_generate_passes_its_filters_to_sampling(model):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_bench_decode_runs_for_every_model(model, capsys):
+def test_bench_decode_runs_for_every_model(model, monkeypatch, capsys):
     """bench.py decode reads every model's cache the same way: make_cache(...).bytes_per_token."""
-    import bench
-    sys_argv = sys.argv
-    try:
-        sys.argv = ["bench.py", "decode", f"--model={model}", "--context=4", "--new_tokens=3", "--no_cache_tokens=1",
-                    "--repeats=1", "--vocab_size=64", "--n_layer=1"]
-        bench.main()
-    finally:
-        sys.argv = sys_argv
-    row = re.search(r"^  default\s+([\d,]+)\s+([\d,]+)\s", capsys.readouterr().out, re.M)
+    out = run_bench(monkeypatch, capsys, ["decode", f"--model={model}", "--context=4", "--new_tokens=3",
+                                          "--no_cache_tokens=1", "--repeats=1", "--vocab_size=64", "--n_layer=1"])
+    row = re.search(r"^  default\s+([\d,]+)\s+([\d,]+)\s", out, re.M)
     m = train.load_model_module(model)
     assert int(row.group(2).replace(",", "")) == m.Model(m.Config(vocab_size=64, n_layer=1)).make_cache(1, 1).bytes_per_token
 

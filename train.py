@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import threading
-import time
+from time import perf_counter
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -147,25 +147,32 @@ def load_model_module(name):
     return importlib.import_module(name)
 
 
+CHECKPOINTS = ("ckpt.pt", "ckpt_meta.pt")  # a run's checkpoint: whole, or a sharded run's (its tensors in ckpt_dcp/)
+
+
+def existing_checkpoint(out_dir):
+    """The path of the run's checkpoint, or None."""
+    return next((p for p in (os.path.join(out_dir, n) for n in CHECKPOINTS) if os.path.isfile(p)), None)
+
+
 def load_checkpoint(out_dir, map_location="cpu"):
     """ckpt.pt of a run, or for a sharded (--tp/--fsdp) run its ckpt_meta.pt: everything but the tensors,
     which stay in ckpt_dcp/ until distributed.load_sharded reads them into a model of any layout."""
-    for name in ("ckpt.pt", "ckpt_meta.pt"):
-        path = os.path.join(out_dir, name)
-        if os.path.isfile(path):
-            try:
-                ckpt = torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:  # truncated, empty, or not written by torch.save: whatever torch raises
-                raise TrainingError(f"{path} cannot be read ({first_line(e)}); "
-                                    f"it is truncated or not a gaia checkpoint. Resume from a good copy, or start a "
-                                    f"new run in another --out_dir (this file is left as it is)") from None
-            if not isinstance(ckpt, dict) or "model_name" not in ckpt:
-                raise TrainingError(f"{path} is not a gaia checkpoint (no model_name in it); point --out_dir at a "
-                                    f"gaia run, or load Hugging Face weights with --init_from=DIRECTORY")
-            ckpt["path"] = path
-            return ckpt
-    raise TrainingError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}; train first, or point --out_dir "
-                        f"at the run to resume")
+    path = existing_checkpoint(out_dir)
+    if path is None:
+        raise TrainingError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}; train first, or point --out_dir "
+                            f"at the run to resume")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, empty, or not written by torch.save: whatever torch raises
+        raise TrainingError(f"{path} cannot be read ({first_line(e)}); it is truncated or not a gaia checkpoint. "
+                            f"Resume from a good copy, or start a new run in another --out_dir (this file is left "
+                            f"as it is)") from None
+    if not isinstance(ckpt, dict) or "model_name" not in ckpt:
+        raise TrainingError(f"{path} is not a gaia checkpoint (no model_name in it); point --out_dir at a "
+                            f"gaia run, or load Hugging Face weights with --init_from=DIRECTORY")
+    ckpt["path"] = path
+    return ckpt
 
 
 def save_checkpoint(path, state):
@@ -200,12 +207,14 @@ def stored_config(module, ckpt):
     return dict(ckpt["model_config"])
 
 
-def model_from_checkpoint(ckpt, module, out_dir):
-    model = module.Model(build_config(module, stored_config(module, ckpt)))
-    if ckpt.get("sharded"):
-        distributed.load_sharded(out_dir, model)
-    else:
+def model_from_checkpoint(ckpt, module, out_dir, load_sharded=True, **changes):
+    """The checkpoint's model; changes (e.g. dropout) are how to train, never what the weights are. A sharded
+    checkpoint's tensors are read now, or (load_sharded=False) after train.py has parallelized the model."""
+    model = module.Model(build_config(module, {**stored_config(module, ckpt), **changes}))
+    if not ckpt.get("sharded"):
         load_weights(model, ckpt["model_state"], ckpt["path"])
+    elif load_sharded:
+        distributed.load_sharded(out_dir, model)
     return model
 
 
@@ -457,8 +466,9 @@ def configure(argv):
         layout_keys = {"out_dir", "tp", "fsdp", "device", "compile"}  # how to run, not what: never restored
         values.update({k: v for k, v in stored.items() if k not in explicit and k in values and k not in layout_keys})
         values.update(init_from="resume", out_dir=out_dir)
-    if values["init_from"] not in ("scratch", "resume") and "tokenizer" not in explicit:
-        values["tokenizer"] = hf_dir_tokenizer(values["init_from"]) or values["tokenizer"]
+    pretrained = values["init_from"] not in ("scratch", "resume")
+    if pretrained and "tokenizer" not in explicit and os.path.isfile(os.path.join(values["init_from"], "config.json")):
+        values["tokenizer"] = hf_dir_tokenizer(values["init_from"])  # the token ids its weights were trained on
     cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
     if ckpt is not None and ckpt["iter_num"] >= cfg.max_iters:
         raise TrainingError(f"{ckpt['path']} is at iter {ckpt['iter_num']}, and max_iters={cfg.max_iters}: nothing to "
@@ -470,9 +480,34 @@ def configure(argv):
     return cfg, module, model_cfg, ckpt, explicit
 
 
+def load_pretrained(module, path):
+    """A local Hugging Face directory into the model file's Model; whatever goes wrong is one line naming it."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"init_from={path!r} is neither scratch, resume, nor a Hugging Face model directory with a "
+                          f"config.json")
+    try:
+        return module.Model.from_pretrained(path)
+    except ValueError as e:  # another architecture, an unsupported option: the model file says which
+        raise ConfigError(str(e)) from None
+    except Exception as e:  # a truncated safetensors file, a broken config.json: whatever the readers raise
+        raise ConfigError(f"{path} cannot be loaded ({first_line(e)}); check its config.json and safetensors files, "
+                          f"e.g. download them again") from None
+
+
 def hf_dir_tokenizer(path):
-    """A Hugging Face model directory's own tokenizer (its tokenizer.json), or None when it has none."""
-    return path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    """The tokenizer a Hugging Face model directory says it was trained with: its tokenizer.json, or the gaia
+    tokenizer that export.py recorded in its config.json. Without either, one line asks for --tokenizer."""
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return path
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            recorded = json.load(f).get("gaia_tokenizer")
+    except (OSError, ValueError):
+        recorded = None  # load_pretrained names what is wrong with the directory
+    if recorded:
+        return recorded
+    raise ConfigError(f"{path} has no tokenizer.json, so the token ids its weights expect are unknown; pass "
+                      f"--tokenizer=gpt2, --tokenizer=byte or --tokenizer=PATH of its tokenizer.json")
 
 
 def build_config(module, values):
@@ -486,12 +521,8 @@ def build_config(module, values):
 def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
     """The model to train: from scratch, from the checkpoint being resumed, or from a Hugging Face directory."""
     if ckpt is not None:
-        stored = stored_config(module, ckpt)
-        if "dropout" in explicit and "dropout" in stored:
-            stored["dropout"] = model_cfg.dropout
-        model = module.Model(build_config(module, stored))
-        if not ckpt.get("sharded"):  # sharded weights are loaded after the model is parallelized
-            load_weights(model, ckpt["model_state"], ckpt["path"])
+        changes = {"dropout": model_cfg.dropout} if "dropout" in explicit and "dropout" in ckpt["model_config"] else {}
+        model = model_from_checkpoint(ckpt, module, cfg.out_dir, load_sharded=False, **changes)
     elif cfg.init_from == "scratch":
         filled = {}
         if hasattr(model_cfg, "vocab_size"):
@@ -505,13 +536,7 @@ def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
             filled["block_size"] = cfg.block_size
         model = module.Model(build_config(module, {**asdict(model_cfg), **filled}))  # validated again, filled in
     else:
-        if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-            raise ConfigError(f"init_from={cfg.init_from!r} is neither scratch, resume, nor a Hugging Face model "
-                              f"directory with a config.json")
-        try:
-            model = module.Model.from_pretrained(cfg.init_from)
-        except ValueError as e:  # another architecture, an unsupported option: the model file says which
-            raise ConfigError(str(e)) from None
+        model = load_pretrained(module, cfg.init_from)
         settable = {"dropout", *getattr(module, "LOSS_WEIGHTS", ())}  # how to train, not what the weights are
         changes = {}
         for k in explicit & {f.name for f in fields(model.config)} - {"block_size", "vocab_size"}:
@@ -547,6 +572,17 @@ def prepare_out_dir(out_dir):
             pass
     except OSError as e:
         raise ConfigError(f"cannot write to out_dir={out_dir!r} ({e.strerror}); point --out_dir at a writable folder") from None
+
+
+def keep_best_checkpoint(cfg, layout):
+    """With always_save_checkpoint=False, ckpt.pt is the best-val model: before a Ctrl-C checkpoint takes its place,
+    move it to ckpt_best.pt. Returns that path, or None. (Sharded runs keep one checkpoint, the latest.)"""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.always_save_checkpoint or layout.sharded or not layout.master or not os.path.isfile(path):
+        return None
+    best = os.path.join(cfg.out_dir, "ckpt_best.pt")
+    os.replace(path, best)
+    return best
 
 
 class StopRequest:
@@ -694,7 +730,7 @@ def train(argv):
     profile_start = iter_num + 5
 
     x, y = train_batches.next()
-    t0 = time.perf_counter()
+    t0 = perf_counter()
     timed_iters, timed_s = 0, 0.0  # training time since the last log line (evals excluded)
     started = iter_num
     stop = StopRequest(layout)
@@ -702,7 +738,7 @@ def train(argv):
         while iter_num < cfg.max_iters:
             if iter_num % cfg.eval_interval == 0 and not (iter_num == started and ckpt_evaluated):
                 evaluate()
-                t0 = time.perf_counter()  # eval time is not training time
+                t0 = perf_counter()  # eval time is not training time
             if cfg.profile and dev_type == "cuda" and iter_num in (profile_start, profile_start + 5):
                 (torch.cuda.cudart().cudaProfilerStart if iter_num == profile_start else torch.cuda.cudart().cudaProfilerStop)()
             lr = lr_at(iter_num, cfg)
@@ -728,15 +764,15 @@ def train(argv):
                 after_step()
             loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs with the device
             iter_num += 1
-            t1 = time.perf_counter()
+            t1 = perf_counter()
             timed_iters, timed_s, t0 = timed_iters + 1, timed_s + t1 - t0, t1
             if profiler is not None:
                 profiler.step()
             if not math.isfinite(loss_value):
-                kept = [os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "ckpt_meta.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
+                kept = existing_checkpoint(cfg.out_dir)
                 raise TrainingError(
                     f"loss is {loss_value} at iter {iter_num}; stopping. "
-                    + (f"The last good checkpoint is kept at {kept[0]}. " if kept else "")
+                    + (f"The last good checkpoint is kept at {kept}. " if kept else "")
                     + f"Try a lower --learning_rate (now {cfg.learning_rate:g})"
                     + (", or --dtype=float32" if dtype != "float32" else "")
                     + (", or a smaller --grad_clip" if cfg.grad_clip == 0 or cfg.grad_clip > 1 else ""))
@@ -752,17 +788,20 @@ def train(argv):
                 if model_metrics is not None:
                     row.update(model_metrics())
                 log.log(row)
-            if stop.requested():
+            if iter_num < cfg.max_iters and stop.requested():  # the last step goes on to the final eval and sample
+                kept = keep_best_checkpoint(cfg, layout)
                 checkpoint(None, evaluated=False)
-                raise Stopped(f"stopped at iter {iter_num}; saved {os.path.join(cfg.out_dir, 'ckpt_meta.pt' if layout.sharded else 'ckpt.pt')}. "
-                              f"Continue with: python train.py --init_from=resume --out_dir={cfg.out_dir}")
+                raise Stopped(f"stopped at iter {iter_num}; saved {existing_checkpoint(cfg.out_dir)}"
+                              + (f" (the best-val checkpoint moved to {kept})" if kept else "")
+                              + f". Continue with: python train.py --init_from=resume --out_dir={cfg.out_dir}"
+                              if layout.master else "")
     finally:
         stop.restore()  # train() also runs inside tests and notebooks: leave their Ctrl-C alone
     if profiler is not None:
         profiler.stop()
     if iter_num > started or cfg.max_iters == 0:
         evaluate()
-        if iter_num > 0 and not any(os.path.exists(os.path.join(cfg.out_dir, n)) for n in ("ckpt.pt", "ckpt_meta.pt")):
+        if iter_num > 0 and existing_checkpoint(cfg.out_dir) is None:
             checkpoint(None)
     log.close()
     say(f"metrics: {log.path}, dashboard: {log.png}")
@@ -779,19 +818,25 @@ def train(argv):
     return raw_model
 
 
-def main(argv=None):
-    """The command line: every mistake the project can name ends in one `error:` line and exit code 1."""
+def cli(run, argv=None):
+    """A script's command line: every mistake the project can name ends in one `error:` line and exit code 1, and
+    Ctrl-C in exit code 130 (the shell's code for it). train.py, sample.py and export.py all end here."""
     try:
-        train(sys.argv[1:] if argv is None else argv)
+        run(sys.argv[1:] if argv is None else argv)
     except (ConfigError, DataError, TrainingError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Stopped as e:
-        print(e, file=sys.stderr)
-        sys.exit(130)  # the shell's code for a run ended by Ctrl-C
+        if str(e):  # rank 0's
+            print(e, file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)  # before training, or a second Ctrl-C
         sys.exit(130)
+
+
+def main(argv=None):
+    cli(train, argv)
 
 
 if __name__ == "__main__":
