@@ -791,6 +791,7 @@ def train(argv):
             if iter_num < cfg.max_iters and stop.requested():  # the last step goes on to the final eval and sample
                 kept = keep_best_checkpoint(cfg, layout)
                 checkpoint(None, evaluated=False)
+                log.close()  # wandb and tensorboard flush what they hold
                 raise Stopped(f"stopped at iter {iter_num}; saved {existing_checkpoint(cfg.out_dir)}"
                               + (f" (the best-val checkpoint moved to {kept})" if kept else "")
                               + f". Continue with: python train.py --init_from=resume --out_dir={cfg.out_dir}"
