@@ -834,6 +834,9 @@ def cli(run, argv=None):
     except KeyboardInterrupt:
         print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)  # before training, or a second Ctrl-C
         sys.exit(130)
+    except BrokenPipeError:  # the output went into a pipe that closed (`| head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
+        sys.exit(141)
 
 
 def main(argv=None):
