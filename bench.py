@@ -188,8 +188,8 @@ def bench_cpu_anchor(args, extra):
               f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}", f"--data={args.data}"]
     for key in ("anchor", "data"):
         if not os.path.isfile(getattr(args, key)):
-            sys.exit(f"error: --{key}={getattr(args, key)} is not a file; pass the path of "
-                     + ("nanogpt_cpu_bench.sh (the pinned nanoGPT speed script)" if key == "anchor" else "a text file"))
+            raise configurator.ConfigError(f"--{key}={getattr(args, key)} is not a file; pass the path of " + (
+                "nanogpt_cpu_bench.sh (the pinned nanoGPT speed script)" if key == "anchor" else "a text file"))
     results = {"nanoGPT": [], "gaia": []}
     for _ in range(args.rounds):
         out = subprocess.run(["bash", args.anchor, args.data, str(args.iters)], capture_output=True, text=True, check=True).stdout

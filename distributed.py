@@ -157,26 +157,23 @@ def clip_grad_norm(parameters, max_norm):
     return total
 
 
-def any_rank(flag, layout):
-    """True on every rank when the flag is set on any (all ranks must take the same branch, e.g. stop together)."""
-    if layout.world == 1:
-        return flag
-    t = torch.tensor([float(flag)])
+def all_reduce(value, op):
+    """A float reduced over all ranks (NCCL reduces on the GPU, gloo on the CPU)."""
+    t = torch.tensor([value], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def any_rank(flag, layout):
+    """True on every rank when the flag is set on any (all ranks must take the same branch, e.g. stop together)."""
+    return flag if layout.world == 1 else bool(all_reduce(float(flag), dist.ReduceOp.MAX))
 
 
 def all_mean(value, layout):
     """The mean of a float over all ranks (each dp rank saw a different slice of the batch)."""
-    if layout.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.item() / layout.world
+    return value if layout.world == 1 else all_reduce(value, dist.ReduceOp.SUM) / layout.world
 
 
 # ------------------------------------------------------------------------------------- sharded checkpoints
