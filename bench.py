@@ -32,6 +32,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def build(args, extra):
     """The model named by --model, with its Config fields overridden by --key=value arguments."""
     module = train.load_model_module(args.model)
+    if train.brings_own_data(module):  # train and decode feed random token ids
+        raise configurator.ConfigError(f"bench.py times text models on random tokens; {args.model} brings its own data: "
+                                       f"time it with python train.py --model={args.model} --max_iters=50 (its log line's "
+                                       f"samples/s)")
     files, overrides = configurator.split_args(extra)
     values, _ = configurator.resolve(files, overrides, configurator.key_table(module.Config))
     if "block_size" in values and "block_size" not in overrides:

@@ -209,15 +209,17 @@ def write_token_cache(docs, tokenizer, path, dtype, chunk_bytes):
 
 class Batches:
     """Random windows of block_size + 1 tokens from one split, drawn with their own torch.Generator:
-    its state is the data position, saved in checkpoints so a resumed run draws the same batches."""
+    its state is the data position, saved in checkpoints so a resumed run draws the same batches.
+    A model file that brings its own data defines a Batches of the same shape (README: the model contract)."""
 
-    def __init__(self, tokens, block_size, batch_size, seed, device, rank=0, world=1):
-        self.tokens, self.block_size, self.batch_size, self.device = tokens, block_size, batch_size, device
+    def __init__(self, tokens, block_size, batch_size, seed, rank=0, world=1):
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self.position = self.generator.get_state()
 
     def next(self):
+        """(x, y) on the CPU: inputs and their next-token targets, (batch_size, block_size) int64 each."""
         T = self.block_size
         self.position = self.generator.get_state()  # the state that draws this batch: what a checkpoint stores
         # every data-parallel rank draws the global batch and keeps its slice: the global batch, and so the
@@ -225,10 +227,12 @@ class Batches:
         starts = torch.randint(len(self.tokens) - T, (self.batch_size * self.world,), generator=self.generator)
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
         window = torch.from_numpy(np.stack([self.tokens[s:s + T + 1] for s in starts]).astype(np.int64))
-        x, y = window[:, :-1], window[:, 1:]
-        if self.device.startswith("cuda"):
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        return window[:, :-1], window[:, 1:]
+
+    def seek(self, position):
+        """The next next() draws the batch that position drew."""
+        self.generator.set_state(position)
+        self.position = position
 
 
 def load_splits(path, tokenizer, cache_dir, block_size, val_fraction=0.1):

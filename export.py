@@ -36,6 +36,9 @@ def run(argv):
     except ValueError as e:  # a setting the Hugging Face architecture cannot express: the model file says which
         raise ConfigError(f"{ckpt['model_name']} cannot be exported to Hugging Face: {e}") from None
     tokenizer = ckpt["tokenizer"]
+    if tokenizer is None:  # a model that brings its own data (images): no token ids to record
+        print(f"wrote {ckpt['model_name']} (iter {ckpt['iter_num']}) to {hf_dir}")
+        return
     source = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
     if os.path.isfile(source):  # a Hugging Face tokenizer travels with the weights
         shutil.copy(source, os.path.join(hf_dir, "tokenizer.json"))

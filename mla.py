@@ -509,9 +509,10 @@ class Model(nn.Module):
         return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
 
     @torch.no_grad()
-    def after_optimizer_step(self):
+    def after_optimizer_step(self, step, total_steps):
         """Aux-loss-free balancing (DeepSeek-V3 §2.1.2): b_i -= gamma if expert i got more than the mean
-        load since the last step, += gamma if less. train.py calls this right after optimizer.step()."""
+        load since the last step, += gamma if less. train.py calls this right after optimizer.step(), with the
+        steps done and the run's total (a constant gamma needs neither)."""
         for moe in self.moe_layers():
             load = moe.gate.load_since_update
             if torch.distributed.is_available() and torch.distributed.is_initialized():

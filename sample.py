@@ -6,6 +6,7 @@ Sample text from a trained gaia model or a local Hugging Face model directory.
     python sample.py --init_from=path/to/hf_llama --model=llama --prompt="Hello"   # the directory's own tokenizer
 """
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,15 @@ def generate_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, 
     return tokenizer.decode(out[0].tolist())
 
 
+def text_model(name, cfg):
+    """The model file, if its Model generates text; a model without generate() (an image encoder) is refused."""
+    module = load_model_module(name)
+    if not callable(getattr(module.Model, "generate", None)):
+        raise ConfigError(f"{name} does not generate text, so sample.py has nothing to sample; its training run draws "
+                          f"its picture at the end ({os.path.join(cfg.out_dir, 'picture.png')})")
+    return module
+
+
 def load(cfg):
     """(model, tokenizer name) from a run's checkpoint or a Hugging Face directory."""
     if cfg.init_from == "resume":
@@ -60,8 +70,8 @@ def load(cfg):
         if cfg.tokenizer and cfg.tokenizer != ckpt["tokenizer"]:  # other ids than the model was trained on
             raise ConfigError(f"{ckpt['path']} was trained with tokenizer={ckpt['tokenizer']!r}, not {cfg.tokenizer!r}; "
                               f"drop --tokenizer")
-        return model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]), cfg.out_dir), ckpt["tokenizer"]
-    model = load_pretrained(load_model_module(cfg.model), cfg.init_from)
+        return model_from_checkpoint(ckpt, text_model(ckpt["model_name"], cfg), cfg.out_dir), ckpt["tokenizer"]
+    model = load_pretrained(text_model(cfg.model, cfg), cfg.init_from)
     return model, cfg.tokenizer or hf_dir_tokenizer(cfg.init_from)
 
 

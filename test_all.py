@@ -2176,14 +2176,14 @@ def _train_load_imbalance(bias_update, steps=60):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1234)
     data = torch.randint(0, 32, (256, 17), generator=g)
-    for _ in range(steps):
+    for step in range(steps):
         batch = data[torch.randint(0, 256, (16,), generator=g)]
         _, loss = model(batch[:, :-1], batch[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if bias_update:
-            model.after_optimizer_step()
+            model.after_optimizer_step(step + 1, steps)
     model(data[:, :-1])
     load = model.metrics()["expert_load"]
     bias = torch.stack([moe.gate.e_score_correction_bias for moe in model.moe_layers()])
@@ -2478,7 +2478,11 @@ def test_short_run_loss_falls(model, tmp_path):
     assert last["val_loss"] < first["val_loss"] - 1.5, (first, last)
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows if "loss" in r)
     import matplotlib.image
-    panels = 3 + sum(isinstance(v, list) for v in rows[-2].values())  # loss, lr, tokens/s, one per 2-D metric
+    # loss, lr, tokens/s, one per 2-D metric, one for all the model's scalar metrics (moe's expert_imbalance)
+    step = rows[-2]
+    standard = {"iter", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu"}
+    panels = 3 + sum(isinstance(v, list) for v in step.values()) + any(isinstance(v, float) for k, v in step.items()
+                                                                       if k not in standard)
     assert matplotlib.image.imread(tmp_path / "dashboard.png").shape[:2] == (4 * 80, 5 * panels * 80)
 
 

@@ -3,6 +3,7 @@ Train any gaia model by name, from a laptop CPU to many GPUs.
 
     python train.py                                    # gpt2 on the built-in corpus, no download
     python train.py --model=llama --data=corpus.txt    # your text: a .txt file or a folder of them
+    python train.py --model=jepa --data=images/        # a model that brings its own data: here a folder of images
     python train.py config/gpt2_124m.py --batch_size=8 # a config file, then overrides
     python train.py --help                             # every key, with default and type
     torchrun --standalone --nproc_per_node=8 train.py --model=llama   # DDP (see README for tp/fsdp)
@@ -38,7 +39,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 @dataclass
 class TrainConfig:
     model: str = "gpt2"              # a model file beside train.py: gpt2, llama, moe, mla, mamba, ...
-    data: str = ""                   # a .txt file or a folder of .txt files; "" = the built-in corpus
+    data: str = ""                   # a .txt file or a folder of .txt files (a model with its own data: what it reads); "" = built in
     tokenizer: str = "byte"          # byte (UTF-8 bytes, vocab 256) | gpt2 (tiktoken BPE) | PATH of a tokenizer.json
     out_dir: str = "out"
     cache_dir: str = ""              # where tokenized data is cached; "" = ~/.cache/gaia
@@ -145,6 +146,34 @@ def load_model_module(name):
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     return importlib.import_module(name)
+
+
+def brings_own_data(module):
+    """A model file that defines load_splits trains on its own data (images, episodes) instead of tokenized text."""
+    return callable(getattr(module, "load_splits", None))
+
+
+# train.py keys that only text models read: set for a model that brings its own data, each is refused in one line
+# (unless the model's Config has a field of that name, e.g. a vision-language model's tokenizer)
+TEXT_KEYS = ("tokenizer", "vocab_size", "block_size", "sample_tokens", "sample_prompt", "temperature", "top_k", "top_p")
+
+
+def load_own_splits(module, path, config, cache_dir):
+    """module.load_splits, whose ValueError (and any OSError reading the files) becomes one DataError line."""
+    try:
+        return module.load_splits(path, config, cache_dir)
+    except (ValueError, OSError) as e:
+        raise DataError(str(e) if isinstance(e, ValueError) else f"cannot read {path!r} ({first_line(e)})") from None
+
+
+def to_device(batch, device):
+    """A batch's tensors (alone or nested in tuples, lists, dicts) onto the device; on CUDA pinned first, so the
+    copy runs while the GPU still computes the previous step."""
+    if torch.is_tensor(batch):
+        return batch.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return type(batch)(to_device(b, device) for b in batch)
 
 
 CHECKPOINTS = ("ckpt.pt", "ckpt_meta.pt")  # a run's checkpoint: whole, or a sharded run's (its tensors in ckpt_dcp/)
@@ -402,25 +431,39 @@ class MetricsLog:
         rows = self.rows()
         steps = [r for r in rows if "loss" in r]
         evals = [r for r in rows if "val_loss" in r]
+        rate = next((k for k in ("tokens_per_s", "samples_per_s") if steps and k in steps[-1]), None)
         maps = {k: v for r in steps for k, v in r.items() if isinstance(v, list) and v and isinstance(v[0], list)}
-        n = 3 + len(maps)
-        fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
-        ax = axes[0]
-        ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], label="train (per iter)", alpha=0.6)
+        # the model's own scalars: metrics() beside the loss (expert_imbalance, target_std), evaluate() at each eval
+        known = {"iter", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "tflops", "mfu", "train_loss", "val_loss"}
+        step_scalars = sorted({k for r in steps for k, v in r.items() if k not in known and isinstance(v, (int, float))})
+        eval_scalars = sorted({k for r in evals for k, v in r.items() if k not in known and isinstance(v, (int, float))})
+        panels = [p for p in ("loss", "lr", rate) if p] + list(maps) + ["model metrics"] * bool(step_scalars) + \
+            ["evaluation"] * bool(eval_scalars)
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        ax = dict(zip(panels, axes[0]))
+        ax["loss"].plot([r["iter"] for r in steps], [r["loss"] for r in steps], label="train (per iter)", alpha=0.6)
         if evals:
-            ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
-            ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
-        ax.set(title="loss", xlabel="iter")
-        ax.legend()
-        axes[1].plot([r["iter"] for r in steps], [r["lr"] for r in steps])
-        axes[1].set(title="learning rate", xlabel="iter")
-        axes[2].plot([r["iter"] for r in steps], [r["tokens_per_s"] for r in steps])
-        axes[2].set(title="tokens/s", xlabel="iter")
-        for ax, (name, grid) in zip(axes[3:], maps.items()):  # e.g. expert_load: layers x experts
-            im = ax.imshow(np.array(grid), aspect="auto", cmap="viridis")
-            ax.set(title=f"{name} (last logged iter)", xlabel="expert" if "expert" in name else "column",
-                   ylabel="layer" if "expert" in name else "row")
-            fig.colorbar(im, ax=ax)
+            ax["loss"].plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+            ax["loss"].plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+        ax["loss"].set(title="loss", xlabel="iter")
+        ax["loss"].legend()
+        ax["lr"].plot([r["iter"] for r in steps], [r["lr"] for r in steps])
+        ax["lr"].set(title="learning rate", xlabel="iter")
+        if rate:
+            ax[rate].plot([r["iter"] for r in steps], [r[rate] for r in steps])
+            ax[rate].set(title=rate.replace("_per_s", "/s"), xlabel="iter")
+        for name, grid in maps.items():  # e.g. expert_load: layers x experts
+            im = ax[name].imshow(np.array(grid), aspect="auto", cmap="viridis")
+            ax[name].set(title=f"{name} (last logged iter)", xlabel="expert" if "expert" in name else "column",
+                         ylabel="layer" if "expert" in name else "row")
+            fig.colorbar(im, ax=ax[name])
+        for title, scalars, source in (("model metrics", step_scalars, steps), ("evaluation", eval_scalars, evals)):
+            for k in scalars:
+                points = [(r["iter"], r[k]) for r in source if isinstance(r.get(k), (int, float))]
+                ax[title].plot(*zip(*points), "o-" if source is evals else "-", label=k)
+            if scalars:
+                ax[title].set(title=title, xlabel="iter")
+                ax[title].legend()
         fig.tight_layout()
         fig.savefig(self.png + ".tmp.png", dpi=80)
         plt.close(fig)
@@ -456,6 +499,13 @@ def configure(argv):
         configurator.print_help("train.py", [("train.py keys", train_keys), (f"{name}.py model keys", model_keys)])
         sys.exit(0)
     values, explicit = configurator.resolve(files, overrides, {**train_keys, **model_keys})
+    own_data = brings_own_data(module)
+    if own_data:
+        meaningless = sorted(explicit & set(TEXT_KEYS) - {f.name for f in fields(module.Config)})
+        if meaningless:
+            raise ConfigError(f"{meaningless[0]} means nothing for {name}: it trains on its own data ({name}.py's "
+                              f"load_splits), not on tokenized text; drop --{meaningless[0]} (from the command line or "
+                              f"config file)")
     if ckpt is not None:  # a resumed run continues the stored one, except for what the user sets now
         stored = {**ckpt["train_config"], **ckpt["model_config"]}
         # what the weights are, and what the token ids mean, cannot change mid-run
@@ -467,7 +517,7 @@ def configure(argv):
         values.update({k: v for k, v in stored.items() if k not in explicit and k in values and k not in layout_keys})
         values.update(init_from="resume", out_dir=out_dir)
     pretrained = values["init_from"] not in ("scratch", "resume")
-    if pretrained and "tokenizer" not in explicit and os.path.isfile(os.path.join(values["init_from"], "config.json")):
+    if pretrained and not own_data and "tokenizer" not in explicit and os.path.isfile(os.path.join(values["init_from"], "config.json")):
         values["tokenizer"] = hf_dir_tokenizer(values["init_from"])  # the token ids its weights were trained on
     cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
     if ckpt is not None and ckpt["iter_num"] >= cfg.max_iters:
@@ -519,20 +569,21 @@ def build_config(module, values):
 
 
 def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
-    """The model to train: from scratch, from the checkpoint being resumed, or from a Hugging Face directory."""
+    """The model to train: from scratch, from the checkpoint being resumed, or from a Hugging Face directory.
+    vocab_size is the tokenizer's; None for a model that brings its own data (its Config sizes itself)."""
     if ckpt is not None:
         changes = {"dropout": model_cfg.dropout} if "dropout" in explicit and "dropout" in ckpt["model_config"] else {}
         model = model_from_checkpoint(ckpt, module, cfg.out_dir, load_sharded=False, **changes)
     elif cfg.init_from == "scratch":
         filled = {}
-        if hasattr(model_cfg, "vocab_size"):
+        if hasattr(model_cfg, "vocab_size") and vocab_size is not None:
             if "vocab_size" in explicit and cfg.vocab_size is not None:
                 if cfg.vocab_size < vocab_size:
                     raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the {cfg.tokenizer} tokenizer's "
                                       f"{vocab_size}; drop --vocab_size or raise it")
                 vocab_size = cfg.vocab_size  # e.g. 50304, a multiple of 64, is faster on GPUs
             filled["vocab_size"] = vocab_size
-        if hasattr(model_cfg, "block_size"):
+        if hasattr(model_cfg, "block_size") and vocab_size is not None:
             filled["block_size"] = cfg.block_size
         model = module.Model(build_config(module, {**asdict(model_cfg), **filled}))  # validated again, filled in
     else:
@@ -550,6 +601,8 @@ def build_model(cfg, module, model_cfg, ckpt, explicit, vocab_size):
             model = module.Model(replace(pretrained.config, **changes))
             model.load_state_dict(pretrained.state_dict())
     mc = model.config
+    if vocab_size is None:  # a model that brings its own data: its Config sizes the vocabulary and context
+        return model
     if getattr(mc, "vocab_size", vocab_size) < vocab_size:
         raise ConfigError(f"the model's vocab_size={mc.vocab_size} is smaller than the {cfg.tokenizer} tokenizer's "
                           f"{vocab_size}; use a model with a larger vocabulary"
@@ -611,17 +664,17 @@ class StopRequest:
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, autocast, device, layout):
+def estimate_loss(model, splits, make_batches, cfg, autocast, device, layout):
     """Mean loss over eval_iters batches of each split. The batches come from a generator seeded the
     same way every time, so evals are comparable and never disturb the training data order or RNG;
     data-parallel ranks each take their slice of every batch, so the result is the same at any world size."""
     model.eval()
     out = {}
-    for name, tokens in splits.items():
-        batches = Batches(tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1000, device, layout.dp_rank, layout.dp)
+    for name, split in splits.items():
+        batches = make_batches(split, cfg.seed + 1000)
         losses = torch.zeros(cfg.eval_iters)
         for k in range(cfg.eval_iters):
-            x, y = batches.next()
+            x, y = to_device(batches.next(), device)
             with autocast:
                 _, loss = model(x, y)
             losses[k] = loss.item()
@@ -654,11 +707,21 @@ def train(argv):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    tokenizer = get_tokenizer(cfg.tokenizer)
-    model = build_model(cfg, module, model_cfg, ckpt, explicit, tokenizer.vocab_size)
+    own_data = brings_own_data(module)  # images, episodes, ...: the model file's load_splits and Batches
+    tokenizer = None if own_data else get_tokenizer(cfg.tokenizer)
+    model = build_model(cfg, module, model_cfg, ckpt, explicit, None if own_data else tokenizer.vocab_size)
     distributed.validate(model, layout)  # before any collective: a bad layout fails on every rank, none hangs
     cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gaia")
-    train_tokens, val_tokens = load_splits(cfg.data, tokenizer, cache_dir, cfg.block_size)
+    if own_data:
+        train_split, val_split = load_own_splits(module, cfg.data, model.config, cache_dir)
+
+        def make_batches(split, seed):
+            return module.Batches(split, model.config, cfg.batch_size, seed, layout.dp_rank, layout.dp)
+    else:
+        train_split, val_split = load_splits(cfg.data, tokenizer, cache_dir, cfg.block_size)
+
+        def make_batches(split, seed):
+            return Batches(split, cfg.block_size, cfg.batch_size, seed, layout.dp_rank, layout.dp)
     distributed.init(layout, dev_type)
     raw_model = model.to(device)
     model = distributed.parallelize(raw_model, layout, device)
@@ -666,7 +729,7 @@ def train(argv):
     scaler = torch.amp.GradScaler(dev_type, enabled=(dtype == "float16"))
     autocast = (torch.autocast(dev_type, dtype=getattr(torch, dtype)) if dtype != "float32"
                 else contextlib.nullcontext())
-    train_batches = Batches(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, device, layout.dp_rank, layout.dp)
+    train_batches = make_batches(train_split, cfg.seed)
     iter_num, best_val = 0, float("inf")
     if ckpt is not None:
         if ckpt.get("sharded"):
@@ -675,7 +738,7 @@ def train(argv):
             optimizer.load_state_dict(ckpt["optimizer_state"])
         scaler.load_state_dict(ckpt["scaler_state"])
         iter_num, best_val, evaluated = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("evaluated", True)
-        train_batches.generator.set_state(ckpt["data_state"])  # redraws the batch the stopped run had fetched
+        train_batches.seek(ckpt["data_state"])  # redraws the batch the stopped run had fetched
         set_rng_states(ckpt["rng"])
         say(f"resuming {ckpt['model_name']} from {cfg.out_dir} at iter {iter_num}")
     ckpt_evaluated = ckpt is not None and evaluated  # the resumed run already evaluated its last iteration
@@ -683,26 +746,35 @@ def train(argv):
     if cfg.compile:
         model = torch.compile(model)
 
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * layout.dp
-    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
+    # throughput is counted in tokens for text, in examples (images, episodes' steps) for a model with its own data
+    if own_data:
+        unit, per_seq = "samples", 1
+        flops_per_unit = getattr(raw_model, "flops_per_sample", lambda: None)()
+    else:
+        unit, per_seq, flops_per_unit = "tokens", cfg.block_size, raw_model.flops_per_token(cfg.block_size)
+    units_per_iter = cfg.batch_size * per_seq * cfg.gradient_accumulation_steps * layout.dp
+    flops_per_iter = flops_per_unit * units_per_iter if flops_per_unit else None
     peak = peak_flops(device, dtype)
     peak = peak * layout.world if peak else None
     n_params = sum(p.numel() for p in raw_model.parameters())  # a DTensor's numel is its global size
-    say(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {device}, {dtype}, {len(train_tokens):,} train tokens")
-    say(f"global batch: {cfg.batch_size} sequences x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} "
-        f"accumulation steps x {layout.dp} data-parallel ranks = {tokens_per_iter:,} tokens per iteration"
+    say(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {device}, {dtype}, {len(train_split):,} train {unit}")
+    say(f"global batch: {cfg.batch_size} {'examples' if own_data else f'sequences x {cfg.block_size} tokens'} x "
+        f"{cfg.gradient_accumulation_steps} accumulation steps x {layout.dp} data-parallel ranks = {units_per_iter:,} "
+        f"{unit} per iteration"
         + (f" ({layout.world} processes: dp={layout.dp}, tp={layout.tp}, fsdp={layout.fsdp})" if layout.world > 1 else ""))
     run_config = {**asdict(cfg), **asdict(raw_model.config)}
     log = MetricsLog(cfg, cfg.out_dir, iter_num if cfg.init_from == "resume" else None, run_config, layout.master)
     after_step = getattr(raw_model, "after_optimizer_step", None)
     model_metrics = getattr(raw_model, "metrics", None)
-    splits = {"train": train_tokens, "val": val_tokens}
+    model_evaluation = getattr(module, "evaluate", None)  # named scores (probe accuracy, success rate) at each eval
+    splits = {"train": train_split, "val": val_split}
 
     def checkpoint(val_loss, evaluated=True):
         """evaluated: whether iter_num's eval has run, so a resumed run neither repeats nor skips it."""
         meta = dict(model_name=cfg.model, model_config=asdict(raw_model.config), train_config=asdict(cfg),
                     scaler_state=scaler.state_dict(), iter_num=iter_num, best_val_loss=best_val, val_loss=val_loss,
-                    rng=rng_states(), data_state=train_batches.position, tokenizer=cfg.tokenizer, evaluated=evaluated)
+                    rng=rng_states(), data_state=train_batches.position, tokenizer=None if own_data else cfg.tokenizer,
+                    evaluated=evaluated)
         if layout.sharded:
             distributed.save_sharded(cfg.out_dir, raw_model, optimizer, meta, layout)
         elif layout.master:
@@ -711,9 +783,15 @@ def train(argv):
 
     def evaluate():
         nonlocal best_val
-        losses = estimate_loss(model, splits, cfg, autocast, device, layout)
-        say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        log.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+        losses = estimate_loss(model, splits, make_batches, cfg, autocast, device, layout)
+        scores = {}
+        if model_evaluation is not None:  # every rank runs it (a sharded model's forward needs them all); rank 0 logs
+            raw_model.eval()
+            scores = {k: float(v) for k, v in model_evaluation(raw_model, train_split, val_split).items()}
+            raw_model.train()
+        say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            + "".join(f", {k} {v:.4f}" for k, v in scores.items()))
+        log.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], **scores})
         improved = losses["val"] < best_val
         best_val = min(best_val, losses["val"])
         if (improved or cfg.always_save_checkpoint) and iter_num > 0:
@@ -729,7 +807,7 @@ def train(argv):
         profiler.start()
     profile_start = iter_num + 5
 
-    x, y = train_batches.next()
+    x, y = to_device(train_batches.next(), device)
     t0 = perf_counter()
     timed_iters, timed_s = 0, 0.0  # training time since the last log line (evals excluded)
     started = iter_num
@@ -751,7 +829,7 @@ def train(argv):
                         _, loss = model(x, y)
                         loss = loss / cfg.gradient_accumulation_steps
                     with nvtx("data", device):
-                        x, y = train_batches.next()  # fetch the next batch while the device works on this one
+                        x, y = to_device(train_batches.next(), device)  # fetched while the device works on this step
                     with nvtx("backward", device):
                         scaler.scale(loss).backward()
             with nvtx("optimizer step", device):
@@ -761,7 +839,7 @@ def train(argv):
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             if after_step is not None:
-                after_step()
+                after_step(iter_num + 1, cfg.max_iters)  # steps done, and of the whole run (e.g. an EMA's schedule)
             loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs with the device
             iter_num += 1
             t1 = perf_counter()
@@ -779,12 +857,14 @@ def train(argv):
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
                 loss_value = distributed.all_mean(loss_value, layout)  # the whole global batch's loss
                 dt, timed_iters, timed_s = timed_s / timed_iters, 0, 0.0  # mean over the interval: one slow step moves it little
-                tokens_per_s = tokens_per_iter / dt
-                achieved = flops_per_iter / dt
-                speed = f"mfu {100 * achieved / peak:.2f}%" if peak else f"{achieved / 1e12:.3f} TFLOP/s"
-                say(f"iter {iter_num}: loss {loss_value:.4f}, time {dt * 1000:.2f}ms, {tokens_per_s:,.0f} tok/s, {speed}")
-                row = {"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens_per_s": tokens_per_s, "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None}
+                rate = units_per_iter / dt
+                achieved = flops_per_iter / dt if flops_per_iter else None
+                speed = ("" if achieved is None else f", mfu {100 * achieved / peak:.2f}%" if peak
+                         else f", {achieved / 1e12:.3f} TFLOP/s")
+                say(f"iter {iter_num}: loss {loss_value:.4f}, time {dt * 1000:.2f}ms, {rate:,.0f} "
+                    f"{'tok' if unit == 'tokens' else unit}/s{speed}")
+                row = {"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), f"{unit}_per_s": rate,
+                       "tflops": achieved / 1e12 if achieved else None, "mfu": achieved / peak if achieved and peak else None}
                 if model_metrics is not None:
                     row.update(model_metrics())
                 log.log(row)
@@ -806,7 +886,12 @@ def train(argv):
             checkpoint(None)
     log.close()
     say(f"metrics: {log.path}, dashboard: {log.png}")
-    if cfg.sample_tokens > 0 and layout.master and not layout.sharded:
+    if own_data:  # the model's picture in place of a text sample
+        if getattr(module, "draw", None) is not None and layout.master and not layout.sharded:
+            raw_model.eval()
+            module.draw(raw_model, val_split, os.path.join(cfg.out_dir, "picture.png"))
+            say(f"picture: {os.path.join(cfg.out_dir, 'picture.png')}")
+    elif cfg.sample_tokens > 0 and layout.master and not layout.sharded:
         from sample import generate_text
         text = generate_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.temperature,
                              cfg.top_k, cfg.top_p, device, autocast)
