@@ -494,6 +494,10 @@ def configure(argv):
     name = name or TrainConfig.model
     module = load_model_module(name)
     train_keys = configurator.key_table(TrainConfig)
+    for k, v in getattr(module, "TRAIN_DEFAULTS", {}).items():  # the model's own starting point, e.g. its batch size
+        if k not in train_keys:
+            raise ConfigError(f"{name}.py's TRAIN_DEFAULTS sets {k}, which is not a train.py key; see python train.py --help")
+        train_keys[k] = (v, train_keys[k][1])
     model_keys = {k: v for k, v in configurator.key_table(module.Config).items() if k not in train_keys}
     if "help" in overrides:
         configurator.print_help("train.py", [("train.py keys", train_keys), (f"{name}.py model keys", model_keys)])
