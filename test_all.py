@@ -101,9 +101,9 @@ TINY_RUN = ["--tokenizer=byte", "--block_size=32", "--batch_size=8", "--eval_ite
             "--sample_tokens=0", "--learning_rate=3e-3", "--warmup_iters=2"]
 
 
-def run_train(*args, out_dir, cache_dir=None):
-    """train.py in this process (fast); returns the rows of its metrics.jsonl."""
-    args = [*TINY_RUN, f"--out_dir={out_dir}", f"--cache_dir={cache_dir or os.path.join(out_dir, 'cache')}", *args]
+def run_train(*args, out_dir, cache_dir=None, base=TINY_RUN):
+    """train.py in this process (fast) with base (a tiny text run's keys) then args; returns the rows of its metrics.jsonl."""
+    args = [*base, f"--out_dir={out_dir}", f"--cache_dir={cache_dir or os.path.join(out_dir, 'cache')}", *args]
     train.train(list(args))
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
