@@ -2455,6 +2455,44 @@ def test_jepa_masks_obey_their_definition(overrides):
         assert seen_context == set(range(N)), sorted(set(range(N)) - seen_context)
 
 
+def test_jepa_blocks_fill_every_place_and_the_tolerance_gives_up_the_last_target_first():
+    """sample_block: an h x w rectangle at a uniformly drawn top-left corner, every corner of the grid reached
+    (the last row and column included, where the reference's randint(0, grid - h) never goes). Context blocks
+    that cannot keep more than min_keep patches outside the targets give up the LAST target's region after 20
+    failed draws (the reference's tolerance): with the left half and then the right half of a 4 x 4 grid to
+    avoid, a whole-grid block ends up as the right half."""
+    generator = torch.Generator().manual_seed(0)
+    for h, w in [(3, 2), (1, 4), (5, 5)]:
+        corners = set()
+        for _ in range(400):
+            mask = jepa.sample_block(h, w, 6, 0, generator)
+            rect = rectangle(mask.flatten().nonzero().squeeze(1).tolist(), 6)
+            assert rect is not None and rect[2:] == (h, w), (rect, h, w)
+            corners.add(rect[:2])
+        assert corners == {(t, l) for t in range(6 - h + 1) for l in range(6 - w + 1)}
+    left = torch.zeros(4, 4, dtype=torch.bool)
+    left[:, :2] = True
+    mask = jepa.sample_block(4, 4, 4, 4, generator, avoid=[left, ~left])
+    assert torch.equal(mask, ~left)
+
+
+def test_jepa_positions_are_the_references_2d_sincos():
+    """The reference's get_2d_sincos_pos_embed, written out as there (numpy, meshgrid with w first)."""
+    def reference(dim, grid_size):
+        def one_d(d, pos):
+            omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=float) / (d / 2.0))
+            out = np.einsum("m,d->md", pos.reshape(-1), omega)
+            return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+        grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=float), np.arange(grid_size, dtype=float)), axis=0)
+        grid = grid.reshape([2, 1, grid_size, grid_size])
+        return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+    for dim, grid in [(32, 8), (16, 3)]:
+        torch.testing.assert_close(jepa.sincos_pos_embed(dim, grid), torch.from_numpy(reference(dim, grid)).float())
+    model = tiny_jepa()
+    torch.testing.assert_close(model.encoder.pos_embed[0], torch.from_numpy(reference(32, 8)).float())
+    torch.testing.assert_close(model.predictor.pos_embed[0], torch.from_numpy(reference(16, 8)).float())
+
+
 def test_jepa_batches_replay_and_ranks_split_the_global_batch():
     """seek(position) redraws a batch exactly; the masks use only the given generator (not the global one);
     rank r of 2 with batch 8 holds rows 8r..8r+7 of what one process with batch 16 draws, masks included."""
@@ -2583,6 +2621,7 @@ def test_jepa_evaluate_probes_this_model_and_a_random_one():
     (train_images, train_labels), (val_images, val_labels) = jepa.render_shapes(120, 16, 0), jepa.render_shapes(60, 16, 1)
     train = jepa.ImageSplit(torch.from_numpy(train_images), torch.from_numpy(train_labels), list(jepa.SHAPES))
     val = jepa.ImageSplit(torch.from_numpy(val_images), torch.from_numpy(val_labels), list(jepa.SHAPES))
+    torch.manual_seed(5)
     state = torch.get_rng_state()
     first = jepa.evaluate(model, train, val)
     assert torch.equal(torch.get_rng_state(), state)  # a resumed run draws the same numbers
