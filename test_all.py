@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 import configurator  # noqa: E402  (the project's modules, from ROOT)
 import data  # noqa: E402
 import gpt2  # noqa: E402
+import jepa  # noqa: E402
 import llama  # noqa: E402
 import mamba  # noqa: E402
 import mla  # noqa: E402
@@ -2317,6 +2318,424 @@ def test_mla_benchmarks_run(monkeypatch, capsys):
                      "--n_head=2", "--n_embd=32"])
     assert re.search(r"default\s+[\d,]+\s+640\s", out), out  # 2 layers * (kv_lora_rank 64 + rope 16) * 4 bytes
     assert "absorbed/expanded" in out and "70,272" in out  # DeepSeek-V3's shapes in bf16
+
+
+# ------------------------------------------------------------------------------------- jepa.py
+# Tests of jepa.py (I-JEPA). References independent of gaia's code: transformers' IJepaModel holding the same
+# weights, the masks' definition counted patch by patch, the EMA and loss formulas written out, a probe on
+# features separable by construction, torch's FLOP counter, and image folders written here with Pillow.
+
+
+def tiny_jepa(**overrides):
+    """A small random jepa.Model: 16 x 16 images in 2 x 2 patches (an 8 x 8 grid), 2 layers of 32, a 1-layer
+    predictor of 16."""
+    torch.manual_seed(0)
+    config = dict(img_size=16, patch_size=2, n_embd=32, n_layer=2, n_head=4, pred_n_embd=16, pred_n_layer=1,
+                  pred_n_head=2)
+    return jepa.Model(jepa.Config(**{**config, **overrides}))
+
+
+def hf_ijepa(qkv_bias=True):
+    from transformers import IJepaConfig, IJepaModel
+    torch.manual_seed(0)
+    config = IJepaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+                         image_size=16, patch_size=4, layer_norm_eps=1e-6, qkv_bias=qkv_bias,
+                         initializer_range=0.1)  # > HF's 0.02: peaked attention, so a wrong q/k/v order shows
+    return randomize_constant_params(IJepaModel(config, add_pooling_layer=False).float().eval())
+
+
+@pytest.mark.parametrize("qkv_bias, max_shard_size", [(True, None), (True, "20KB"), (False, "20KB")],
+                         ids=["one-file", "sharded", "no-qkv-bias"])
+def test_jepa_encode_matches_transformers_both_ways(tmp_path, qkv_bias, max_shard_size):
+    """transformers' IJepaModel -> gaia (both encoders) -> the same last_hidden_state (incl. the final norm);
+    gaia's save_pretrained (the target encoder) -> IJepaModel.from_pretrained -> the same again."""
+    from transformers import IJepaModel
+    hf = hf_ijepa(qkv_bias)
+    if max_shard_size:
+        hf.save_pretrained(tmp_path / "hf", max_shard_size=max_shard_size)
+        assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+        assert not (tmp_path / "hf" / "model.safetensors").exists()
+    else:
+        hf.save_pretrained(tmp_path / "hf")
+    model = jepa.Model.from_pretrained(str(tmp_path / "hf")).eval()
+    assert (model.config.n_embd, model.config.mlp_ratio, model.config.grid) == (32, 2.5, 4)
+    assert model.config.min_keep == 0  # lowered from 4: on a 4 x 4 grid the smallest target block is one patch
+    jepa.sample_masks(model.config, 2, torch.Generator())  # so training can draw its masks
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = hf(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(model.encode(images), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.encoder(images), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(images)[0], ref, atol=1e-4, rtol=0)
+    with torch.no_grad():  # what save_pretrained writes is the target encoder: make it differ from the encoder
+        for p in model.encoder.parameters():
+            p.add_(0.1)
+    model.save_pretrained(str(tmp_path / "gaia"))
+    saved = json.loads((tmp_path / "gaia" / "config.json").read_text())
+    assert saved["model_type"] == "ijepa" and saved["architectures"] == ["IJepaModel"]
+    back = IJepaModel.from_pretrained(tmp_path / "gaia").float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(pixel_values=images).last_hidden_state, ref, atol=1e-4, rtol=0)
+
+
+def test_jepa_rejects_unsupported_checkpoints(tmp_path):
+    from transformers import IJepaConfig, IJepaModel
+    base = dict(model_type="ijepa", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                image_size=16, patch_size=4)
+    for extra, message in [(dict(hidden_act="gelu_new"), "hidden_act='gelu_new' is not the exact GELU"),
+                           (dict(image_size=18), "image_size=18 is not a multiple of patch_size=4"),
+                           (dict(image_size=[16, 32]), r"image_size=\[16, 32\] is not square"),
+                           (dict(model_type="llama"), "holds a 'llama' model, not ijepa; use --model=llama")]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+        with pytest.raises(ValueError, match=message):
+            jepa.Model.from_pretrained(str(tmp_path))
+    IJepaModel(IJepaConfig(**{k: v for k, v in base.items() if k != "model_type"}),
+               add_pooling_layer=True).save_pretrained(tmp_path / "pooled")
+    with pytest.raises(ValueError, match="has a pooler"):
+        jepa.Model.from_pretrained(str(tmp_path / "pooled"))
+
+
+# ------------------------------------------------------------------ the masks, counted patch by patch
+
+def rectangle(indices, grid):
+    """(top, left, h, w) of the patch indices if they fill exactly that rectangle of the grid, else None."""
+    rows, cols = sorted({i // grid for i in indices}), sorted({i % grid for i in indices})
+    h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    full = {r * grid + c for r in range(rows[0], rows[0] + h) for c in range(cols[0], cols[0] + w)}
+    return (rows[0], cols[0], h, w) if set(indices) == full and len(indices) == len(full) else None
+
+
+JEPA_MASK_CONFIGS = [dict(), dict(img_size=48, patch_size=4, n_targets=3, target_scale=(0.1, 0.3),
+                                  target_aspect=(0.5, 2.0), context_scale=(0.5, 0.7), min_keep=6)]
+
+
+@pytest.mark.parametrize("overrides", JEPA_MASK_CONFIGS, ids=["default", "12x12"])
+def test_jepa_masks_obey_their_definition(overrides):
+    """Over 40 seeded batches of 16: each target block is a full h x w rectangle, one size per batch, with
+    h * w / N in target_scale and h / w in target_aspect up to the rounding of each side to the nearest integer
+    (so area and ratio are checked with h, w each +-0.5, and the scale's int() floor as 1 patch); the context lies
+    in one square no larger than context_scale allows, outside every target block of its image (the reference
+    gives up the last targets' constraint after 20 failed draws: allowed in under 2% of images), more than
+    min_keep patches everywhere, and every patch of the grid can be a target and in the context."""
+    c = jepa.Config(**overrides)
+    grid, N = c.grid, c.n_patches
+    generator = torch.Generator().manual_seed(0)
+    overlaps = images = 0
+    seen_target, seen_context = set(), set()
+    for _ in range(40):
+        context, targets = jepa.sample_masks(c, 16, generator)
+        assert context.dtype == targets.dtype == torch.int64
+        assert context.shape[0] == 16 and targets.shape[:2] == (c.n_targets, 16)
+        assert context.shape[1] > c.min_keep and targets.shape[2] > c.min_keep
+        sizes = set()
+        for b in range(16):
+            blocks = [targets[j, b].tolist() for j in range(c.n_targets)]
+            for block in blocks:
+                rect = rectangle(block, grid)
+                assert rect is not None, block
+                top, left, h, w = rect
+                assert 0 <= top and top + h <= grid and 0 <= left and left + w <= grid
+                sizes.add((h, w))
+                lo, hi = c.target_scale
+                assert (h - 0.5) * (w - 0.5) <= hi * N and (h + 0.5) * (w + 0.5) >= lo * N - 1, (h, w)
+                assert (h - 0.5) / (w + 0.5) <= c.target_aspect[1] and (h + 0.5) / (w - 0.5) >= c.target_aspect[0]
+                seen_target.update(block)
+            ctx = context[b].tolist()
+            assert ctx == sorted(set(ctx))
+            rows, cols = [i // grid for i in ctx], [i % grid for i in ctx]
+            side = math.sqrt(c.context_scale[1] * N) + 0.5
+            assert max(rows) - min(rows) + 1 <= side and max(cols) - min(cols) + 1 <= side
+            seen_context.update(ctx)
+            images += 1
+            overlaps += any(set(ctx) & set(block) for block in blocks)
+        assert len(sizes) == 1, sizes  # one target size per batch
+    assert overlaps <= 0.02 * images, (overlaps, images)
+    assert seen_target == set(range(N)), sorted(set(range(N)) - seen_target)
+    if c.context_scale[1] < 0.9:  # a context smaller than the grid can sit anywhere too
+        assert seen_context == set(range(N)), sorted(set(range(N)) - seen_context)
+
+
+def test_jepa_blocks_fill_every_place_and_the_tolerance_gives_up_the_last_target_first():
+    """sample_block: an h x w rectangle at a uniformly drawn top-left corner, every corner of the grid reached
+    (the last row and column included, where the reference's randint(0, grid - h) never goes). Context blocks
+    that cannot keep more than min_keep patches outside the targets give up the LAST target's region after 20
+    failed draws (the reference's tolerance): with the left half and then the right half of a 4 x 4 grid to
+    avoid, a whole-grid block ends up as the right half."""
+    generator = torch.Generator().manual_seed(0)
+    for h, w in [(3, 2), (1, 4), (5, 5)]:
+        corners = set()
+        for _ in range(400):
+            mask = jepa.sample_block(h, w, 6, 0, generator)
+            rect = rectangle(mask.flatten().nonzero().squeeze(1).tolist(), 6)
+            assert rect is not None and rect[2:] == (h, w), (rect, h, w)
+            corners.add(rect[:2])
+        assert corners == {(t, l) for t in range(6 - h + 1) for l in range(6 - w + 1)}
+    left = torch.zeros(4, 4, dtype=torch.bool)
+    left[:, :2] = True
+    mask = jepa.sample_block(4, 4, 4, 4, generator, avoid=[left, ~left])
+    assert torch.equal(mask, ~left)
+
+
+def test_jepa_positions_are_the_references_2d_sincos():
+    """The reference's get_2d_sincos_pos_embed, written out as there (numpy, meshgrid with w first)."""
+    def reference(dim, grid_size):
+        def one_d(d, pos):
+            omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=float) / (d / 2.0))
+            out = np.einsum("m,d->md", pos.reshape(-1), omega)
+            return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+        grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=float), np.arange(grid_size, dtype=float)), axis=0)
+        grid = grid.reshape([2, 1, grid_size, grid_size])
+        return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+    for dim, grid in [(32, 8), (16, 3)]:
+        torch.testing.assert_close(jepa.sincos_pos_embed(dim, grid), torch.from_numpy(reference(dim, grid)).float())
+    model = tiny_jepa()
+    torch.testing.assert_close(model.encoder.pos_embed[0], torch.from_numpy(reference(32, 8)).float())
+    torch.testing.assert_close(model.predictor.pos_embed[0], torch.from_numpy(reference(16, 8)).float())
+
+
+def test_jepa_batches_replay_and_ranks_split_the_global_batch():
+    """seek(position) redraws a batch exactly; the masks use only the given generator (not the global one);
+    rank r of 2 with batch 8 holds rows 8r..8r+7 of what one process with batch 16 draws, masks included."""
+    c = jepa.Config(img_size=16, patch_size=2)
+    images, labels = jepa.render_shapes(40, 16, 0)
+    split = jepa.ImageSplit(torch.from_numpy(images), torch.from_numpy(labels), list(jepa.SHAPES))
+    one = jepa.Batches(split, c, 16, seed=7)
+    ranks = [jepa.Batches(split, c, 8, seed=7, rank=r, world=2) for r in range(2)]
+    for _ in range(3):
+        x, (ctx, tgt) = one.next()
+        assert x.shape == (16, 3, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+        parts = [b.next() for b in ranks]
+        torch.testing.assert_close(torch.cat([p[0] for p in parts]), x, rtol=0, atol=0)
+        assert torch.equal(torch.cat([p[1][0] for p in parts]), ctx)
+        assert torch.equal(torch.cat([p[1][1] for p in parts], dim=1), tgt)
+    state = torch.get_rng_state()
+    torch.manual_seed(123)  # the global generator must not matter
+    x, (ctx, tgt) = one.next()
+    torch.set_rng_state(state)
+    position = one.position  # the state that drew x
+    one.next()
+    one.seek(position)
+    x2, (ctx2, tgt2) = one.next()
+    assert torch.equal(x, x2) and torch.equal(ctx, ctx2) and torch.equal(tgt, tgt2)
+
+
+# ------------------------------------------------------------------ the training step, by hand
+
+def test_jepa_ema_is_its_formula_and_the_target_gets_no_gradient():
+    model = tiny_jepa(ema_start=0.9, ema_end=0.99)
+    context, targets = jepa.sample_masks(model.config, 4, torch.Generator().manual_seed(0))
+    _, loss = model(torch.randn(4, 3, 16, 16), (context, targets))
+    loss.backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    with torch.no_grad():  # the encoder moves away from the target (as after an optimizer step)
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    online = [p.detach().clone() for p in model.encoder.parameters()]
+    before = [p.detach().clone() for p in model.target_encoder.parameters()]
+    model.after_optimizer_step(3, 10)
+    m = 0.9 + (0.99 - 0.9) * 3 / 10
+    for p, t, o in zip(model.target_encoder.parameters(), before, online):
+        torch.testing.assert_close(p, m * t + (1 - m) * o, rtol=0, atol=1e-6)
+    assert all(torch.equal(p, o) for p, o in zip(model.encoder.parameters(), online))
+
+
+def test_jepa_loss_and_target_std_by_hand():
+    """loss = mean smooth L1 (beta 1) between the predictions and the target encoder's features, layer-normed
+    (no affine, eps 1e-5) and gathered at each target block of each image by a loop; target_std from the same."""
+    model = tiny_jepa()
+    with torch.no_grad():  # the target encoder differs from the encoder, as during training
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = torch.randn(3, 3, 16, 16)
+    context, targets = jepa.sample_masks(model.config, 3, torch.Generator().manual_seed(1))
+    pred, loss = model(images, (context, targets))
+    with torch.no_grad():
+        h = model.encode(images)
+    mean, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+    h = (h - mean) / torch.sqrt(var + 1e-5)
+    total, count = 0.0, 0
+    for j in range(targets.shape[0]):
+        for b in range(3):
+            for k, patch in enumerate(targets[j, b].tolist()):
+                d = (pred[j, b, k] - h[b, patch]).abs()
+                total += torch.where(d < 1, 0.5 * d ** 2, d - 0.5).sum()
+                count += d.numel()
+    torch.testing.assert_close(loss, total / count)
+    pooled = h.mean(1)
+    expected = ((pooled - pooled.mean(0)) ** 2).mean(0).sqrt().mean()
+    assert model.metrics()["target_std"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_jepa_predictor_predicts_each_block_from_its_image_alone():
+    """The batched predictor (the context repeated once per target block) gives, for block j of image b, what
+    a batch of that image and that block alone gives; the encoder keeps only the asked patches, each with its
+    own position (reversed indices give the reversed full output)."""
+    model = tiny_jepa()
+    images = torch.randn(3, 3, 16, 16)
+    context, targets = jepa.sample_masks(model.config, 3, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ctx = model.encoder(images, context)
+        pred = model.predictor(ctx, context, targets)
+        for j in range(targets.shape[0]):
+            for b in range(3):
+                alone = model.predictor(ctx[b:b + 1], context[b:b + 1], targets[j:j + 1, b:b + 1])
+                torch.testing.assert_close(pred[j, b], alone[0, 0], atol=1e-5, rtol=0)
+        everything = model.encoder(images)
+        reverse = torch.arange(model.config.n_patches - 1, -1, -1).expand(3, -1)
+        torch.testing.assert_close(model.encoder(images, reverse), everything.flip(1), atol=1e-5, rtol=0)
+
+
+def test_jepa_flops_per_sample_counts_the_matmuls(monkeypatch):
+    """flops_per_sample(n_context, n_target) * B equals torch's FLOP counter over one training forward and
+    backward, with attention written as matmuls so that the counter sees it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def attention(q, k, v):
+        return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+    model = tiny_jepa(mlp_ratio=3.0)
+    context, targets = jepa.sample_masks(model.config, 4, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(4, 3, 16, 16), (context, targets))[1].backward()
+    expected = model.flops_per_sample(context.shape[1], targets.shape[2]) * 4
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
+    assert 0 < model.flops_per_sample() < 6 * 3 * model.num_params() * model.config.n_patches
+
+
+# ------------------------------------------------------------------ the linear probe
+
+def test_jepa_linear_probe_separates_separable_features():
+    """Features whose class shifts one coordinate by 4 noise widths are separated; shuffled labels are not."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 6, (900,), generator=g)
+    x = torch.randn(900, 24, generator=g) + 4 * F.one_hot(y, 24).float()
+    assert jepa.linear_probe(x[:600], y[:600], x[600:], y[600:]) >= 0.95
+    shuffled = y[:600][torch.randperm(600, generator=g)]
+    assert jepa.linear_probe(x[:600], shuffled, x[600:], y[600:]) <= 0.35
+
+
+def test_jepa_evaluate_probes_this_model_and_a_random_one():
+    model = tiny_jepa()
+    (train_images, train_labels), (val_images, val_labels) = jepa.render_shapes(120, 16, 0), jepa.render_shapes(60, 16, 1)
+    train = jepa.ImageSplit(torch.from_numpy(train_images), torch.from_numpy(train_labels), list(jepa.SHAPES))
+    val = jepa.ImageSplit(torch.from_numpy(val_images), torch.from_numpy(val_labels), list(jepa.SHAPES))
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = jepa.evaluate(model, train, val)
+    assert torch.equal(torch.get_rng_state(), state)  # a resumed run draws the same numbers
+    assert set(first) == {"probe_acc", "probe_acc_random"} and all(0 <= v <= 1 for v in first.values())
+    assert jepa.evaluate(model, train, val) == first  # deterministic
+    assert jepa.evaluate(model, jepa.ImageSplit(train.images, None, []), jepa.ImageSplit(val.images, None, [])) == {}
+
+
+def test_jepa_draw_writes_a_png(tmp_path):
+    model = tiny_jepa()
+    images, labels = jepa.render_shapes(8, 16, 0)
+    jepa.draw(model, jepa.ImageSplit(torch.from_numpy(images), torch.from_numpy(labels), list(jepa.SHAPES)),
+              str(tmp_path / "masks.png"))
+    assert (tmp_path / "masks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ data: the built-in shapes and image folders
+
+def test_jepa_builtin_data_is_deterministic_and_labelled():
+    c = jepa.Config()
+    train, val = jepa.load_splits("", c, None)
+    again, _ = jepa.load_splits("", c, None)
+    assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (c.img_size, c.img_size, 3)
+    assert len(train) >= 5 * len(val) > 0 and val.images.shape[1:] == train.images.shape[1:]
+    assert len(train.classes) >= 6 and train.classes == val.classes
+    for split in (train, val):  # every class present, none dominant
+        counts = torch.bincount(split.labels, minlength=len(split.classes))
+        assert counts.min() > 0.5 * len(split) / len(split.classes)
+    assert not torch.equal(train.images[:len(val)], val.images)  # val is drawn apart from train
+    assert train.images.float().std() > 40  # not blank
+
+
+def write_png(path, size=(40, 30), colour=(200, 10, 10)):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, (0, 0, 255))  # blue edges around a centred square of colour
+    w, h = size
+    image.paste(colour, (w // 2 - 5, h // 2 - 5, w // 2 + 5, h // 2 + 5))
+    image.save(path)
+
+
+def test_jepa_image_folders(tmp_path):
+    """Class subfolders give labels by sorted folder name and a per-class val share; a flat folder gives none.
+    Images are resized by the shorter side and centre-cropped: the centred square stays in the middle."""
+    c = jepa.Config(img_size=16, patch_size=2)
+    for i in range(6):
+        write_png(tmp_path / "classes" / "b_dogs" / f"{i}.png", colour=(200, 10, 10))
+        write_png(tmp_path / "classes" / "a_cats" / f"{i}.jpg", size=(30, 50), colour=(10, 200, 10))
+    write_png(tmp_path / "classes" / "a_cats" / "extra.PNG", colour=(10, 200, 10))
+    (tmp_path / "classes" / "notes.txt").write_text("not an image")
+    train, val = jepa.load_splits(str(tmp_path / "classes"), c, str(tmp_path / "cache"))
+    assert train.classes == val.classes == ["a_cats", "b_dogs"]
+    assert len(train) + len(val) == 13 and sorted(torch.bincount(val.labels).tolist()) == [1, 1]
+    assert train.images.shape[1:] == (16, 16, 3) and train.images.dtype == torch.uint8
+    for split in (train, val):
+        for image, label in zip(split.images, split.labels):
+            centre, corner = image[8, 8].tolist(), image[0, 0].tolist()
+            assert (centre[1] > 150) == (label == 0) and (centre[0] > 150) == (label == 1) and corner[2] > 200
+    cached, _ = jepa.load_splits(str(tmp_path / "classes"), c, str(tmp_path / "cache"))
+    assert torch.equal(cached.images, train.images) and len(os.listdir(tmp_path / "cache")) == 1
+    for i in range(10):
+        write_png(tmp_path / "flat" / f"{i}.png")
+    train, val = jepa.load_splits(str(tmp_path / "flat"), c, None)
+    assert train.labels is None and val.labels is None and len(train) + len(val) == 10 and len(val) >= 1
+
+
+def test_jepa_bad_folders_give_one_clear_line(tmp_path):
+    c = jepa.Config()
+    (tmp_path / "file.png").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("hello")
+    write_png(tmp_path / "corrupt" / "good.png")
+    (tmp_path / "corrupt" / "bad.png").write_bytes(b"\x89PNG not really")
+    write_png(tmp_path / "one" / "only" / "a.png")
+    write_png(tmp_path / "mixed" / "loose.png")
+    write_png(tmp_path / "mixed" / "cls" / "a.png")
+    for path, words in [("missing", "does not exist"), ("file.png", "is a file"), ("empty", "no PNG/JPEG images"),
+                        ("text", "no PNG/JPEG images"), ("corrupt", "cannot read image .*bad.png"),
+                        ("one", "one class subfolder .*a probe needs two or more.*flat folder"),
+                        ("mixed", "both images .* and class subfolders")]:
+        with pytest.raises(ValueError, match=words) as error:
+            jepa.load_splits(str(tmp_path / path), c, None)
+        assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------ the config
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(img_size=30), "img_size"), (dict(img_size=0), "img_size"), (dict(patch_size=32), "patch_size"),
+    (dict(n_embd=100), "n_embd"), (dict(n_embd=198, n_head=6), "n_embd"), (dict(n_head=0), "n_head"),
+    (dict(pred_n_embd=90), "pred_n_embd"), (dict(n_layer=0), "n_layer"), (dict(n_targets=0), "n_targets"),
+    (dict(mlp_ratio=0.0), "mlp_ratio"), (dict(norm_eps=0.0), "norm_eps"), (dict(qkv_bias="yes"), "qkv_bias"),
+    (dict(ema_start=1.1, ema_end=1.2), "ema_start"), (dict(ema_start=0.99, ema_end=0.9), "ema_start"),
+    (dict(target_scale=(0.3, 0.2)), "target_scale"), (dict(target_scale=(0.0, 0.2)), "target_scale"),
+    (dict(target_scale=(0.1, 0.2, 0.3)), "target_scale"), (dict(context_scale=(0.5, 1.5)), "context_scale"),
+    (dict(target_aspect=(2.0, 1.0)), "target_aspect"), (dict(min_keep=-1), "min_keep"),
+    (dict(min_keep=9), "target_scale"),  # a 3 x 3 target block cannot keep more than 9 patches
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_jepa_config_rejects_bad_values(overrides, key):
+    """Each bad value fails when the Config is built, in one line that starts with the key and its value."""
+    with pytest.raises(ValueError) as error:
+        jepa.Config(**overrides)
+    message = str(error.value)
+    assert message.startswith(key + "=") and "\n" not in message, message
+
+
+def test_jepa_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone():
+    model = tiny_jepa(target_scale=[0.1, 0.2])  # a JSON config gives lists: stored as the tuple
+    before = dataclasses.asdict(model.config)
+    assert before["target_scale"] == (0.1, 0.2) and jepa.Config(**before) == model.config
+    jepa.Model(model.config)
+    assert dataclasses.asdict(model.config) == before
 
 
 # ===================================================================================== every model file, one table
