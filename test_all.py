@@ -2764,13 +2764,28 @@ MODEL_TABLE = {
 }
 
 
+TEXT_MODELS = sorted(MODEL_TABLE)
+
+# Models that bring their own data (README: the model contract): `build` as above; `run`, the train.py keys of a
+# tiny run on the model's built-in data (its own keys, no text keys).
+JEPA_TINY_RUN = ["--img_size=16", "--patch_size=2", "--n_embd=32", "--n_layer=2", "--n_head=4", "--pred_n_embd=16",
+                 "--pred_n_layer=1", "--pred_n_head=2", "--batch_size=8", "--eval_iters=2", "--log_interval=1",
+                 "--warmup_iters=2", "--learning_rate=1e-3"]
+OWN_DATA_TABLE = {
+    "jepa": dict(build=tiny_jepa, run=JEPA_TINY_RUN),
+}
+OWN_DATA_MODELS = sorted(OWN_DATA_TABLE)
+EVERY_MODEL = {**MODEL_TABLE, **OWN_DATA_TABLE}
+
+
 def test_the_table_has_a_row_for_every_model_file():
-    assert sorted(MODEL_TABLE) == MODELS
+    assert sorted(EVERY_MODEL) == MODELS
+    assert [m for m in MODELS if train.brings_own_data(train.load_model_module(m))] == OWN_DATA_MODELS
 
 
 # ------------------------------------------------------------------------------------- the model file's shape
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_sample_is_the_same_function_in_every_file(model):
     """Each file carries its own copy of sample() (one file, one model); the copies must not drift apart."""
     assert inspect.getsource(train.load_model_module(model).sample) == inspect.getsource(gpt2.sample)
@@ -2780,14 +2795,14 @@ def test_sample_is_the_same_function_in_every_file(model):
 def test_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone(model):
     """Checkpoints store dataclasses.asdict(config) and train.py rebuilds Config(**it): nothing may be lost or
     derived twice, and building the Model must not write into its config."""
-    m = MODEL_TABLE[model]["build"]()
+    m = EVERY_MODEL[model]["build"]()
     before = dataclasses.asdict(m.config)
     assert type(m.config)(**before) == m.config
     type(m)(m.config)
     assert dataclasses.asdict(m.config) == before
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_hugging_face_round_trip(model, tmp_path):
     """transformers' model -> gaia (sharded safetensors) -> the same logits -> gaia's save_pretrained -> transformers."""
     hf = MODEL_TABLE[model]["hf"]()
@@ -2796,7 +2811,7 @@ def test_hugging_face_round_trip(model, tmp_path):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_directory_without_weights_says_so(model, tmp_path):
-    MODEL_TABLE[model]["build"]().save_pretrained(str(tmp_path))
+    EVERY_MODEL[model]["build"]().save_pretrained(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
         train.load_model_module(model).Model.from_pretrained(str(tmp_path))
@@ -2804,19 +2819,19 @@ def test_a_directory_without_weights_says_so(model, tmp_path):
 
 # ------------------------------------------------------------------------------------- decoding and sampling
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_cached_decode_matches_full_forward(model):
-    m = MODEL_TABLE[model]["build"]()
+    m = EVERY_MODEL[model]["build"]()
     cache = m.make_cache(2, 16)
     assert cache.pos == 0 and isinstance(cache.bytes_per_token, int) and cache.bytes_per_token >= 0
     check_cached_decode(m, m.config.vocab_size, prompt_len=5, new_tokens=24)
 
 
-@pytest.mark.parametrize("model", [m for m in MODELS if "block_size" in config_keys(m)])
+@pytest.mark.parametrize("model", [m for m in TEXT_MODELS if "block_size" in config_keys(m)])
 def test_generation_past_block_size_slides_the_window(model):
     """Past block_size, every token is predicted from the last block_size tokens (nanoGPT's crop): the logits
     of each step equal a full forward over that cropped window."""
-    m = MODEL_TABLE[model]["build"]().eval()
+    m = EVERY_MODEL[model]["build"]().eval()
     block_size = m.config.block_size
     prompt = torch.randint(0, m.config.vocab_size, (2, block_size - 5))
     out, step_logits = m.generate(prompt, 12, temperature=0, return_logits=True)
@@ -2848,7 +2863,7 @@ def nucleus_reference(probs, temperature=1.0, top_k=None, top_p=None):
     return [p[i] / sum(p[j] for j in keep) if i in keep else 0.0 for i in range(len(p))]
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.5, None, None), (1.0, 2, None),
                                                        (1.0, None, 0.7), (2.0, 3, 0.7)])
 def test_sampling_draws_from_the_filtered_distribution(model, temperature, top_k, top_p):
@@ -2863,17 +2878,17 @@ def test_sampling_draws_from_the_filtered_distribution(model, temperature, top_k
     assert torch.equal(sample(logits[:2], temperature=0), torch.tensor([[1], [1]]))
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_generate_passes_its_filters_to_sampling(model):
     """top_k=1 at temperature 1 can only pick the most likely token: generate must equal greedy decoding."""
-    m = MODEL_TABLE[model]["build"]().eval()
+    m = EVERY_MODEL[model]["build"]().eval()
     prompt = torch.randint(0, m.config.vocab_size, (2, 4))
     greedy = m.generate(prompt, 6, temperature=0)
     assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_k=1), greedy)
     assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_p=1e-6), greedy)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_bench_decode_runs_for_every_model(model, monkeypatch, capsys):
     """bench.py decode reads every model's cache the same way: make_cache(...).bytes_per_token."""
     out = run_bench(monkeypatch, capsys, ["decode", f"--model={model}", "--context=4", "--new_tokens=3",
@@ -2885,7 +2900,7 @@ def test_bench_decode_runs_for_every_model(model, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------- training with train.py
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_short_run_loss_falls(model, tmp_path):
     rows = run_train(f"--model={model}", "--max_iters=40", "--eval_interval=40", out_dir=str(tmp_path))
     evals = [r for r in rows if "val_loss" in r]
@@ -2905,7 +2920,7 @@ def test_short_run_loss_falls(model, tmp_path):
     assert matplotlib.image.imread(tmp_path / "dashboard.png").shape[:2] == (4 * 80, 5 * panels * 80)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_resume_is_bit_identical(model, tmp_path):
     """A run stopped at iter 6 and resumed to 12 logs exactly the losses of an unbroken 12-iter run."""
     has_dropout = "dropout" in config_keys(model)
@@ -2917,6 +2932,100 @@ def test_resume_is_bit_identical(model, tmp_path):
     assert len(losses(whole)) == 12
     assert losses(resumed) == losses(whole)
     assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
+
+
+# ------------------------------------------------------------------------------------- models that bring their own data
+
+@pytest.fixture(scope="session")
+def own_data_cache(tmp_path_factory):
+    """One cache_dir for every own-data run: built-in data made once."""
+    return str(tmp_path_factory.mktemp("own_data_cache"))
+
+
+def run_own(model, *args, out_dir, cache_dir):
+    return run_train(f"--model={model}", *OWN_DATA_TABLE[model]["run"], *args, out_dir=str(out_dir),
+                     cache_dir=cache_dir, base=[])
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+def test_own_data_run_logs_scores_draws_and_falls(model, tmp_path, own_data_cache, capsys):
+    rows = run_own(model, "--max_iters=30", "--eval_interval=15", out_dir=tmp_path, cache_dir=own_data_cache)
+    out = capsys.readouterr().out
+    steps, evals = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 15, 30]
+    assert steps[-1]["loss"] < steps[0]["loss"] and evals[-1]["val_loss"] < evals[0]["val_loss"], evals
+    scores = set(evals[0]) - {"iter", "train_loss", "val_loss"}
+    assert scores and all(set(r) - {"iter", "train_loss", "val_loss"} == scores for r in evals)  # every eval scores
+    assert all(math.isfinite(r[k]) for r in evals for k in scores)
+    assert all(r["samples_per_s"] > 0 and "tokens_per_s" not in r for r in steps)
+    assert re.search(r"iter 30: loss [\d.]+, time [\d.]+ms, [\d,]+ samples/s", out), out
+    for k in scores:  # the eval line names every score
+        assert re.search(rf"step 30: train loss [\d.]+, val loss [\d.]+.*, {k} [\d.]+", out), out
+    assert f"picture: {tmp_path / 'picture.png'}" in out and "sample:" not in out
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "picture.png").ndim == 3
+    step_scores = any(isinstance(v, float) for k, v in steps[-1].items() if k not in
+                      {"iter", "loss", "lr", "grad_norm", "samples_per_s", "tflops", "mfu"})
+    panels = 3 + step_scores + 1  # loss, lr, samples/s, the model's metrics, the evaluation scores
+    assert matplotlib.image.imread(tmp_path / "dashboard.png").shape[:2] == (4 * 80, 5 * panels * 80)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"] is None
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+def test_own_data_resume_is_bit_identical(model, tmp_path, own_data_cache):
+    common = ["--lr_decay_iters=8", "--eval_interval=4"]
+    whole = run_own(model, *common, "--max_iters=8", out_dir=tmp_path / "a", cache_dir=own_data_cache)
+    run_own(model, *common, "--max_iters=4", out_dir=tmp_path / "b", cache_dir=own_data_cache)
+    resumed = run_train("--init_from=resume", "--max_iters=8", out_dir=str(tmp_path / "b"), cache_dir=own_data_cache, base=[])
+    losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    evals = lambda rows: [{k: v for k, v in r.items()} for r in rows if "val_loss" in r]
+    assert len(losses(whole)) == 8 and losses(resumed) == losses(whole)
+    assert evals(resumed) == evals(whole)  # the eval losses and the model's scores too
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+def test_own_data_ddp_two_ranks_equal_one_process_with_twice_the_batch(model, tmp_path, own_data_cache):
+    args = [f"--model={model}", *[a for a in OWN_DATA_TABLE[model]["run"] if not a.startswith("--batch_size")],
+            "--max_iters=4", "--eval_interval=2", "--lr_decay_iters=4", f"--cache_dir={own_data_cache}"]
+    run_train(*args, "--batch_size=8", out_dir=str(tmp_path / "one"), cache_dir=own_data_cache, base=[])
+    code, out = torchrun(*args, "--batch_size=4", f"--out_dir={tmp_path / 'ddp'}")
+    assert code == 0, out
+    assert "4 examples x 1 accumulation steps x 2 data-parallel ranks = 8 samples per iteration" in out, out
+    assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"))
+    evals = lambda d: [r for r in map(json.loads, open(d / "metrics.jsonl")) if "val_loss" in r]
+    for a, b in zip(evals(tmp_path / "ddp"), evals(tmp_path / "one"), strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a), (a, b)
+
+
+@pytest.mark.parametrize("model", [m for m in OWN_DATA_MODELS if not hasattr(train.load_model_module(m).Model, "tp_plan")])
+def test_own_data_model_without_a_plan_refuses_tp(model, tmp_path, own_data_cache):
+    code, out = torchrun(f"--model={model}", *OWN_DATA_TABLE[model]["run"], "--tp=2", "--max_iters=1",
+                         f"--out_dir={tmp_path}", f"--cache_dir={own_data_cache}", timeout=120)
+    assert code != 0 and len(re.findall(f"error: {model}.py has no tensor-parallel plan", out)) == 2, out
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+@pytest.mark.parametrize("key", train.TEXT_KEYS)
+def test_own_data_models_refuse_text_keys(model, key, capsys, tmp_path):
+    if key in config_keys(model):
+        pytest.skip(f"{model}'s Config has {key}: it means something there")
+    value = {"tokenizer": "gpt2", "sample_prompt": "hi", "temperature": "0.5"}.get(key, "64")
+    code, out = run_main(capsys, f"--model={model}", f"--{key}={value}", f"--out_dir={tmp_path}")
+    assert code == 1 and out.strip() == (f"error: {key} means nothing for {model}: it trains on its own data "
+                                         f"({model}.py's load_splits), not on tokenized text; drop --{key} (from the "
+                                         f"command line or config file)"), out
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+def test_own_data_checkpoint_exports_and_sample_and_bench_refuse(model, tmp_path, own_data_cache, capsys, monkeypatch):
+    run_own(model, "--max_iters=2", "--eval_interval=2", out_dir=tmp_path, cache_dir=own_data_cache)
+    code, out = run_main(capsys, f"--out_dir={tmp_path}", main=sample_main)
+    assert code == 1 and f"error: {model} does not generate text" in out, out
+    code, out = run_main(capsys, f"--out_dir={tmp_path}", f"--hf_dir={tmp_path / 'hf'}", main=export_main)
+    assert code == 0 and os.path.isfile(tmp_path / "hf" / "config.json"), out
+    with pytest.raises(SystemExit, match=f"error: bench.py times text models on random tokens; {model} brings its own"):
+        run_bench(monkeypatch, capsys, ["train", f"--model={model}"])
 
 
 # ------------------------------------------------------------------------------------- tensor parallel (gloo, 2 CPU processes)
@@ -2966,7 +3075,7 @@ def test_bad_tp_fails_fast_on_every_rank(tmp_path, args, message):
     assert len(re.findall("error: " + message, out)) == 2, out  # both ranks say it, neither hangs
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_tensor_parallel_logits_equal_one_process(model, tmp_path):
     module = train.load_model_module(model)
     overrides = {"block_size": 32} if "block_size" in config_keys(model) else {}
@@ -2989,7 +3098,7 @@ def test_tensor_parallel_logits_equal_one_process(model, tmp_path):
     torch.testing.assert_close(tp["loss"], loss, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model", [m for m in MODELS if MODEL_TABLE[m]["tp"] is not None])
+@pytest.mark.parametrize("model", [m for m in TEXT_MODELS if MODEL_TABLE[m]["tp"] is not None])
 def test_tensor_parallel_training_follows_one_process(model, tmp_path):
     """gpt2's, llama's and moe's plans split the residual stream and the norms along the sequence, moe's qk_norm
     gains see only a rank's heads, mla's latents are replicated: the gradients must still match one process."""
