@@ -2709,6 +2709,35 @@ def test_jepa_bad_folders_give_one_clear_line(tmp_path):
         assert "\n" not in str(error.value)
 
 
+def test_jepa_trains_on_an_image_folder_without_collapse_and_exports(tmp_path, capsys):
+    """train.py on a folder of two classes: the loss falls, the target features keep their spread (no collapse),
+    and export.py writes the target encoder as a directory transformers' IJepaModel loads with the same features."""
+    from transformers import IJepaModel
+    for i in range(24):
+        write_png(tmp_path / "images" / "red" / f"{i}.png", size=(20 + i, 24), colour=(200, 10 + i, 10))
+        write_png(tmp_path / "images" / "green" / f"{i}.png", size=(24, 20 + i), colour=(10, 200, 10 + i))
+    rows = run_train("--model=jepa", *JEPA_TINY_RUN, f"--data={tmp_path / 'images'}", "--max_iters=20",
+                     "--eval_interval=10", out_dir=str(tmp_path / "run"), base=[])
+    steps = [r for r in rows if "loss" in r]
+    assert steps[-1]["loss"] < 0.9 * steps[0]["loss"], steps
+    assert min(r["target_std"] for r in steps) > 0.5 * steps[0]["target_std"], steps  # collapse drives it to 0
+    assert {"probe_acc", "probe_acc_random"} <= set(rows[-1])
+    code, out = run_main(capsys, f"--out_dir={tmp_path / 'run'}", f"--hf_dir={tmp_path / 'hf'}", main=export_main)
+    assert code == 0, out
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    model = train.model_from_checkpoint({**ckpt, "path": "ckpt.pt"}, jepa, str(tmp_path / "run")).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = IJepaModel.from_pretrained(tmp_path / "hf").eval()(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(model.encode(images), reference, atol=1e-4, rtol=0)
+
+
+def test_jepa_bad_folder_through_train_py_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, out = run_main(capsys, "--model=jepa", f"--data={tmp_path / 'empty'}", f"--out_dir={tmp_path / 'run'}")
+    assert code == 1 and len(out.strip().splitlines()) == 1 and out.startswith("error: ") and "no PNG/JPEG" in out, out
+
+
 # ------------------------------------------------------------------ the config
 
 @pytest.mark.parametrize("overrides, key", [
