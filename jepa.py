@@ -578,6 +578,11 @@ class Batches:
 
 # ---------------------------------------------------------------- evaluation: a linear probe on frozen features
 
+# train.py's keys for `python train.py --model=jepa` (config files and --key=value still override): the reference's
+# AdamW weight decay (0.04), and a batch of 64 images (the reference: 2048), for a few minutes on a laptop CPU
+TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, min_lr=1e-5, weight_decay=0.04, warmup_iters=40,
+                      max_iters=400, eval_interval=100, eval_iters=5, log_interval=20)
+
 PROBE_TRAIN = 2000  # the probe is fit on this many training images (a fixed subset), scored on all of val
 _random_probe = {}  # probe_acc_random, computed once per (config, splits)
 
