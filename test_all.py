@@ -3026,6 +3026,17 @@ def test_own_data_ddp_two_ranks_equal_one_process_with_twice_the_batch(model, tm
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a), (a, b)
 
 
+def test_train_defaults_of_a_model_file_are_its_defaults_and_still_overridable(monkeypatch, capsys):
+    monkeypatch.setattr(jepa, "TRAIN_DEFAULTS", {"batch_size": 48, "max_iters": 7})
+    cfg = train.configure(["--model=jepa", "--max_iters=9"])[0]
+    assert (cfg.batch_size, cfg.max_iters, cfg.learning_rate) == (48, 9, train.TrainConfig.learning_rate)
+    code, out = run_main(capsys, "--model=jepa", "--help")
+    assert code == 0 and re.search(r"--batch_size\s+int\s+default 48", out), out
+    monkeypatch.setattr(jepa, "TRAIN_DEFAULTS", {"batch_sise": 48})
+    code, out = run_main(capsys, "--model=jepa")
+    assert code == 1 and "error: jepa.py's TRAIN_DEFAULTS sets batch_sise, which is not a train.py key" in out, out
+
+
 @pytest.mark.parametrize("model", [m for m in OWN_DATA_MODELS if not hasattr(train.load_model_module(m).Model, "tp_plan")])
 def test_own_data_model_without_a_plan_refuses_tp(model, tmp_path, own_data_cache):
     code, out = torchrun(f"--model={model}", *OWN_DATA_TABLE[model]["run"], "--tp=2", "--max_iters=1",
