@@ -35,15 +35,15 @@ class Config:
     img_size: int = 32            # images are img_size x img_size (load_splits resizes them to it)
     patch_size: int = 4           # a patch is patch_size x patch_size pixels: an 8 x 8 grid of 64 patches by default
     in_chans: int = 3
-    n_embd: int = 192             # encoder width (embed_dim in the reference)
+    n_embd: int = 128             # encoder width (embed_dim in the reference)
     n_layer: int = 6              # encoder depth
-    n_head: int = 6
+    n_head: int = 4
     mlp_ratio: float = 4.0        # MLP hidden width = mlp_ratio * width
     qkv_bias: bool = True
     norm_eps: float = 1e-6        # LayerNorm's epsilon (the reference's partial(nn.LayerNorm, eps=1e-6))
-    pred_n_embd: int = 96         # predictor width (predictor_embed_dim): narrower than the encoder, a bottleneck
+    pred_n_embd: int = 64         # predictor width (predictor_embed_dim): narrower than the encoder, a bottleneck
     pred_n_layer: int = 3
-    pred_n_head: int = 6
+    pred_n_head: int = 4
     ema_start: float = 0.996      # target encoder momentum, rising linearly to ema_end over the run
     ema_end: float = 1.0
     n_targets: int = 4            # target blocks per image (npred)
