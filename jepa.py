@@ -579,7 +579,7 @@ class Batches:
 # ---------------------------------------------------------------- evaluation: a linear probe on frozen features
 
 # train.py's keys for `python train.py --model=jepa` (config files and --key=value still override): the reference's
-# AdamW weight decay (0.04), and a batch of 64 images (the reference: 2048), for a few minutes on a laptop CPU
+# AdamW weight decay (0.04), and a batch of 64 images (the reference: 2048) for a CPU
 TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, min_lr=1e-5, weight_decay=0.04, warmup_iters=40,
                       max_iters=400, eval_interval=100, eval_iters=5, log_interval=20)
 
