@@ -277,7 +277,8 @@ class Model(nn.Module):
         context, targets = masks
         with torch.no_grad():  # the targets: layer-normed features of the whole image from the EMA encoder
             h = F.layer_norm(self.target_encoder(images), (c.n_embd,))  # (B, N, C), no affine: as the reference
-            self._target_std = h.mean(1).std(0, correction=0).mean()  # per-dim spread over the batch
+            if self.training:  # the collapse watch follows the training batches, not the eval ones
+                self._target_std = h.mean(1).std(0, correction=0).mean()  # per-dim spread over the batch
             target = h[torch.arange(h.shape[0], device=h.device)[:, None], targets]  # (n_targets, B, K_tgt, C)
         pred = self.predictor(self.encoder(images, context), context, targets)  # (n_targets, B, K_tgt, C)
         return pred, F.smooth_l1_loss(pred, target)
@@ -420,7 +421,7 @@ BUILTIN = dict(version=1, n_train=6000, n_val=1200, train_seed=1, val_seed=2)  #
 def render_shapes(n, size, seed):
     """n images (n, size, size, 3) uint8 of one shape each, and their labels (n,) (indices into SHAPES): random
     colour, size, position and (where it matters) rotation, on a background of one of four kinds (flat, stripes,
-    a gradient, a checkerboard) in two random colours, plus pixel noise. Deterministic in seed; numpy only."""
+    a gradient, a checkerboard) in two nearby random colours, plus pixel noise. Deterministic in seed; numpy only."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(SHAPES), n)
     images = np.empty((n, size, size, 3), np.uint8)
@@ -437,10 +438,11 @@ def render_shapes(n, size, seed):
                       [np.zeros_like(along), np.sin(2 * np.pi * freq * along) > 0,
                        (along - along.min((1, 2), keepdims=True)) / np.ptp(along, (1, 2), keepdims=True)],
                       (np.sin(np.pi * freq * x) * np.sin(np.pi * freq * y)) > 0)
-        c1, c2 = p(1, 1, 3), p(1, 1, 3)
+        c1 = p(1, 1, 3)
+        c2 = np.clip(c1 + 0.5 * (p(1, 1, 3) - 0.5), 0, 1)  # a second colour near the first: the shape stands out
         background = c1 + t[..., None] * (c2 - c1)
         # the shape, in its own frame: (u, v) = the pixel relative to the centre, rotated by -theta, / radius
-        r = 0.2 + 0.16 * p(1, 1)
+        r = 0.24 + 0.16 * p(1, 1)
         cx, cy = r + (1 - 2 * r) * p(1, 1), r + (1 - 2 * r) * p(1, 1)
         kind_of = lambda *names: np.isin(lab, [SHAPES.index(s) for s in names])[:, None, None]  # noqa: E731
         # square, diamond and cross only tilt by up to 15 degrees (a square turned 45 degrees is the diamond)
@@ -465,7 +467,7 @@ def render_shapes(n, size, seed):
         light = background.mean((1, 2, 3)) > 0.5
         colour = np.where(light[:, None, None, None], 0.45 * p(1, 1, 3), 0.55 + 0.45 * p(1, 1, 3))
         out = np.where(mask[..., None], colour, background)
-        out = out + rng.normal(0, 1, out.shape).astype(np.float32) * (0.1 * p(1, 1, 1))
+        out = out + rng.normal(0, 1, out.shape).astype(np.float32) * (0.06 * p(1, 1, 1))
         images[start:start + m] = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
     return images, labels
 
