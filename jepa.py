@@ -138,7 +138,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, n_head, T, hd)
+        # (B, T, 3C) -> 3 x (B, n_head, T, head_dim)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, every token sees every token
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -247,15 +248,21 @@ class Model(nn.Module):
         self._target_std = None  # the collapse watch, set by each training forward (metrics())
 
     def _init_weights(self, module):
-        """The reference's init (src/models/vision_transformer.py):
+        """The reference's init (src/models/vision_transformer.py), except for patch_embed:
         | tensor                                                | init                                          |
-        | Linear weights (qkv, fc1, embed, proj) and patch_embed | trunc_normal(0, 0.02), cut at +-2 (absolute)  |
+        | Linear weights (qkv, proj, fc1, fc2, embed)           | trunc_normal(0, 0.02), cut at +-2 (absolute)  |
         | attn.proj and mlp.fc2 weights of block layer_id (1..)  | the same, then / sqrt(2 * layer_id), after    |
+        | encoder.patch_embed weight, as an (n_embd, 3 * p * p)  | xavier_uniform, after                         |
         | Linear and Conv2d biases                              | 0                                             |
         | LayerNorm weight, bias                                | 1, 0                                          |
         | predictor.mask_token                                  | trunc_normal(0, 0.02), after                  |
         | encoder.pos_embed, predictor.pos_embed                | fixed 2-D sin-cos (buffers, not trained)      |
-        | target_encoder                                        | an exact copy of the encoder, after           |"""
+        | target_encoder                                        | an exact copy of the encoder, after           |
+        patch_embed: the reference's trunc_normal(0.02) gives a 14 x 14 x 3 patch (588 inputs) a content signal of
+        about 0.5 per channel beside sin-cos positions of 0.7; a 4 x 4 x 3 patch (48 inputs) gets 0.08, the targets are
+        then almost only their positions, which the predictor can tell without looking, and training collapses to
+        them (tried: target_std falls from 0.08 to 0.03 and the probe stays at chance). MAE's xavier init restores
+        the reference's balance (about 0.4)."""
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
@@ -315,7 +322,8 @@ class Model(nn.Module):
         target encoder on all N patches. The patch embedding runs on all N patches and needs no input gradient:
         forward + weight gradient, 2x. Attention's QK^T and AV cost 4 * T^2 * width per layer forward (T tokens).
         Without token counts, the expected ones: the mean target block over the block-size draws, and the mean
-        context block times the chance (1 - K_tgt / N)^n_targets that a patch lies outside all targets."""
+        context block times the chance (1 - K_tgt / N)^n_targets that a patch lies outside all targets: an upper
+        estimate, since sample_masks cuts every context to the batch's shortest (about half of it at batch 64)."""
         c = self.config
         N, C, P = c.n_patches, c.n_embd, c.pred_n_embd
         if n_context is None or n_target is None:
@@ -484,9 +492,11 @@ def load_splits(path, config, cache_dir=None):
     if path == "":
         train = render_shapes(BUILTIN["n_train"], config.img_size, BUILTIN["train_seed"])
         val = render_shapes(BUILTIN["n_val"], config.img_size, BUILTIN["val_seed"])
-        return tuple(ImageSplit(torch.from_numpy(im), torch.from_numpy(lab).long(), list(SHAPES)) for im, lab in (train, val))
+        return tuple(ImageSplit(torch.from_numpy(im), torch.from_numpy(lab).long(), list(SHAPES))
+                     for im, lab in (train, val))
     if not os.path.exists(path):
-        raise ValueError(f"--data={path} does not exist; give a folder of PNG/JPEG images (or --data= for the built-in shapes)")
+        raise ValueError(f"--data={path} does not exist; give a folder of PNG/JPEG images (or --data= for the "
+                         f"built-in shapes)")
     if not os.path.isdir(path):
         raise ValueError(f"--data={path} is a file; give the folder that holds the images (class subfolders or flat)")
     is_image = lambda name: name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")  # noqa: E731
@@ -635,7 +645,8 @@ def evaluate(model, train, val):
     def accuracy(m):
         return linear_probe(features(m, fit), y_fit, features(m, val), y_val)
 
-    key = (repr(asdict(model.config)), len(train), len(val), int(train.images[:64].sum()), int(val.images[:64].sum()), str(device))
+    key = (repr(asdict(model.config)), len(train), len(val), int(train.images[:64].sum()), int(val.images[:64].sum()),
+           str(device))
     if key not in _random_probe:
         with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
             torch.manual_seed(0)
@@ -688,14 +699,15 @@ HF_CONFIG = {"img_size": "image_size", "patch_size": "patch_size", "in_chans": "
 
 # encoder parameter -> Hugging Face tensor name (the layout transformers writes, and the released checkpoints use);
 # a tuple is concatenated along dim 0: the reference's fused qkv is HF's query, key, value stacked, in that order
+QKV = ("query", "key", "value")
 HF_NAMES = {
     "patch_embed.weight": "embeddings.patch_embeddings.projection.weight",
     "patch_embed.bias": "embeddings.patch_embeddings.projection.bias",
     "pos_embed": "embeddings.position_embeddings",
     "h.{i}.ln_1.weight": "encoder.layer.{i}.layernorm_before.weight",
     "h.{i}.ln_1.bias": "encoder.layer.{i}.layernorm_before.bias",
-    "h.{i}.attn.qkv.weight": tuple(f"encoder.layer.{{i}}.attention.attention.{x}.weight" for x in ("query", "key", "value")),
-    "h.{i}.attn.qkv.bias": tuple(f"encoder.layer.{{i}}.attention.attention.{x}.bias" for x in ("query", "key", "value")),
+    "h.{i}.attn.qkv.weight": tuple(f"encoder.layer.{{i}}.attention.attention.{x}.weight" for x in QKV),
+    "h.{i}.attn.qkv.bias": tuple(f"encoder.layer.{{i}}.attention.attention.{x}.bias" for x in QKV),
     "h.{i}.attn.proj.weight": "encoder.layer.{i}.attention.output.dense.weight",
     "h.{i}.attn.proj.bias": "encoder.layer.{i}.attention.output.dense.bias",
     "h.{i}.ln_2.weight": "encoder.layer.{i}.layernorm_after.weight",
@@ -718,7 +730,8 @@ def hf_names(config):
         if ours == "h.{i}.attn.qkv.bias" and not config.qkv_bias:
             continue
         for i in range(config.n_layer if "{i}" in ours else 1):
-            names[ours.format(i=i)] = tuple(t.format(i=i) for t in theirs) if isinstance(theirs, tuple) else theirs.format(i=i)
+            fill = lambda name: name.format(i=i)  # noqa: E731
+            names[fill(ours)] = tuple(map(fill, theirs)) if isinstance(theirs, tuple) else fill(theirs)
     return names
 
 
