@@ -138,7 +138,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, n_head, T, hd)
+        # (B, T, 3C) -> 3 x (B, n_head, T, head_dim)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, every token sees every token
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -247,15 +248,21 @@ class Model(nn.Module):
         self._target_std = None  # the collapse watch, set by each training forward (metrics())
 
     def _init_weights(self, module):
-        """The reference's init (src/models/vision_transformer.py):
+        """The reference's init (src/models/vision_transformer.py), except for patch_embed:
         | tensor                                                | init                                          |
-        | Linear weights (qkv, fc1, embed, proj) and patch_embed | trunc_normal(0, 0.02), cut at +-2 (absolute)  |
+        | Linear weights (qkv, proj, fc1, fc2, embed)           | trunc_normal(0, 0.02), cut at +-2 (absolute)  |
         | attn.proj and mlp.fc2 weights of block layer_id (1..)  | the same, then / sqrt(2 * layer_id), after    |
+        | encoder.patch_embed weight, as an (n_embd, 3 * p * p)  | xavier_uniform, after                         |
         | Linear and Conv2d biases                              | 0                                             |
         | LayerNorm weight, bias                                | 1, 0                                          |
         | predictor.mask_token                                  | trunc_normal(0, 0.02), after                  |
         | encoder.pos_embed, predictor.pos_embed                | fixed 2-D sin-cos (buffers, not trained)      |
-        | target_encoder                                        | an exact copy of the encoder, after           |"""
+        | target_encoder                                        | an exact copy of the encoder, after           |
+        patch_embed: the reference's trunc_normal(0.02) gives a 14 x 14 x 3 patch (588 inputs) a content signal of
+        about 0.5 per channel beside sin-cos positions of 0.7; a 4 x 4 x 3 patch (48 inputs) gets 0.08, the targets are
+        then almost only their positions, which the predictor can tell without looking, and training collapses to
+        them (tried: target_std falls from 0.08 to 0.03 and the probe stays at chance). MAE's xavier init restores
+        the reference's balance (about 0.4)."""
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
@@ -277,7 +284,8 @@ class Model(nn.Module):
         context, targets = masks
         with torch.no_grad():  # the targets: layer-normed features of the whole image from the EMA encoder
             h = F.layer_norm(self.target_encoder(images), (c.n_embd,))  # (B, N, C), no affine: as the reference
-            self._target_std = h.mean(1).std(0, correction=0).mean()  # per-dim spread over the batch
+            if self.training:  # the collapse watch follows the training batches, not the eval ones
+                self._target_std = h.mean(1).std(0, correction=0).mean()  # per-dim spread over the batch
             target = h[torch.arange(h.shape[0], device=h.device)[:, None], targets]  # (n_targets, B, K_tgt, C)
         pred = self.predictor(self.encoder(images, context), context, targets)  # (n_targets, B, K_tgt, C)
         return pred, F.smooth_l1_loss(pred, target)
@@ -314,7 +322,8 @@ class Model(nn.Module):
         target encoder on all N patches. The patch embedding runs on all N patches and needs no input gradient:
         forward + weight gradient, 2x. Attention's QK^T and AV cost 4 * T^2 * width per layer forward (T tokens).
         Without token counts, the expected ones: the mean target block over the block-size draws, and the mean
-        context block times the chance (1 - K_tgt / N)^n_targets that a patch lies outside all targets."""
+        context block times the chance (1 - K_tgt / N)^n_targets that a patch lies outside all targets: an upper
+        estimate, since sample_masks cuts every context to the batch's shortest (about half of it at batch 64)."""
         c = self.config
         N, C, P = c.n_patches, c.n_embd, c.pred_n_embd
         if n_context is None or n_target is None:
@@ -420,7 +429,7 @@ BUILTIN = dict(version=1, n_train=6000, n_val=1200, train_seed=1, val_seed=2)  #
 def render_shapes(n, size, seed):
     """n images (n, size, size, 3) uint8 of one shape each, and their labels (n,) (indices into SHAPES): random
     colour, size, position and (where it matters) rotation, on a background of one of four kinds (flat, stripes,
-    a gradient, a checkerboard) in two random colours, plus pixel noise. Deterministic in seed; numpy only."""
+    a gradient, a checkerboard) in two nearby random colours, plus pixel noise. Deterministic in seed; numpy only."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(SHAPES), n)
     images = np.empty((n, size, size, 3), np.uint8)
@@ -437,10 +446,11 @@ def render_shapes(n, size, seed):
                       [np.zeros_like(along), np.sin(2 * np.pi * freq * along) > 0,
                        (along - along.min((1, 2), keepdims=True)) / np.ptp(along, (1, 2), keepdims=True)],
                       (np.sin(np.pi * freq * x) * np.sin(np.pi * freq * y)) > 0)
-        c1, c2 = p(1, 1, 3), p(1, 1, 3)
+        c1 = p(1, 1, 3)
+        c2 = np.clip(c1 + 0.5 * (p(1, 1, 3) - 0.5), 0, 1)  # a second colour near the first: the shape stands out
         background = c1 + t[..., None] * (c2 - c1)
         # the shape, in its own frame: (u, v) = the pixel relative to the centre, rotated by -theta, / radius
-        r = 0.2 + 0.16 * p(1, 1)
+        r = 0.24 + 0.16 * p(1, 1)
         cx, cy = r + (1 - 2 * r) * p(1, 1), r + (1 - 2 * r) * p(1, 1)
         kind_of = lambda *names: np.isin(lab, [SHAPES.index(s) for s in names])[:, None, None]  # noqa: E731
         # square, diamond and cross only tilt by up to 15 degrees (a square turned 45 degrees is the diamond)
@@ -465,7 +475,7 @@ def render_shapes(n, size, seed):
         light = background.mean((1, 2, 3)) > 0.5
         colour = np.where(light[:, None, None, None], 0.45 * p(1, 1, 3), 0.55 + 0.45 * p(1, 1, 3))
         out = np.where(mask[..., None], colour, background)
-        out = out + rng.normal(0, 1, out.shape).astype(np.float32) * (0.1 * p(1, 1, 1))
+        out = out + rng.normal(0, 1, out.shape).astype(np.float32) * (0.06 * p(1, 1, 1))
         images[start:start + m] = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
     return images, labels
 
@@ -482,9 +492,11 @@ def load_splits(path, config, cache_dir=None):
     if path == "":
         train = render_shapes(BUILTIN["n_train"], config.img_size, BUILTIN["train_seed"])
         val = render_shapes(BUILTIN["n_val"], config.img_size, BUILTIN["val_seed"])
-        return tuple(ImageSplit(torch.from_numpy(im), torch.from_numpy(lab).long(), list(SHAPES)) for im, lab in (train, val))
+        return tuple(ImageSplit(torch.from_numpy(im), torch.from_numpy(lab).long(), list(SHAPES))
+                     for im, lab in (train, val))
     if not os.path.exists(path):
-        raise ValueError(f"--data={path} does not exist; give a folder of PNG/JPEG images (or --data= for the built-in shapes)")
+        raise ValueError(f"--data={path} does not exist; give a folder of PNG/JPEG images (or --data= for the "
+                         f"built-in shapes)")
     if not os.path.isdir(path):
         raise ValueError(f"--data={path} is a file; give the folder that holds the images (class subfolders or flat)")
     is_image = lambda name: name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")  # noqa: E731
@@ -633,7 +645,8 @@ def evaluate(model, train, val):
     def accuracy(m):
         return linear_probe(features(m, fit), y_fit, features(m, val), y_val)
 
-    key = (repr(asdict(model.config)), len(train), len(val), int(train.images[:64].sum()), int(val.images[:64].sum()), str(device))
+    key = (repr(asdict(model.config)), len(train), len(val), int(train.images[:64].sum()), int(val.images[:64].sum()),
+           str(device))
     if key not in _random_probe:
         with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
             torch.manual_seed(0)
@@ -686,14 +699,15 @@ HF_CONFIG = {"img_size": "image_size", "patch_size": "patch_size", "in_chans": "
 
 # encoder parameter -> Hugging Face tensor name (the layout transformers writes, and the released checkpoints use);
 # a tuple is concatenated along dim 0: the reference's fused qkv is HF's query, key, value stacked, in that order
+QKV = ("query", "key", "value")
 HF_NAMES = {
     "patch_embed.weight": "embeddings.patch_embeddings.projection.weight",
     "patch_embed.bias": "embeddings.patch_embeddings.projection.bias",
     "pos_embed": "embeddings.position_embeddings",
     "h.{i}.ln_1.weight": "encoder.layer.{i}.layernorm_before.weight",
     "h.{i}.ln_1.bias": "encoder.layer.{i}.layernorm_before.bias",
-    "h.{i}.attn.qkv.weight": tuple(f"encoder.layer.{{i}}.attention.attention.{x}.weight" for x in ("query", "key", "value")),
-    "h.{i}.attn.qkv.bias": tuple(f"encoder.layer.{{i}}.attention.attention.{x}.bias" for x in ("query", "key", "value")),
+    "h.{i}.attn.qkv.weight": tuple(f"encoder.layer.{{i}}.attention.attention.{x}.weight" for x in QKV),
+    "h.{i}.attn.qkv.bias": tuple(f"encoder.layer.{{i}}.attention.attention.{x}.bias" for x in QKV),
     "h.{i}.attn.proj.weight": "encoder.layer.{i}.attention.output.dense.weight",
     "h.{i}.attn.proj.bias": "encoder.layer.{i}.attention.output.dense.bias",
     "h.{i}.ln_2.weight": "encoder.layer.{i}.layernorm_after.weight",
@@ -716,7 +730,8 @@ def hf_names(config):
         if ours == "h.{i}.attn.qkv.bias" and not config.qkv_bias:
             continue
         for i in range(config.n_layer if "{i}" in ours else 1):
-            names[ours.format(i=i)] = tuple(t.format(i=i) for t in theirs) if isinstance(theirs, tuple) else theirs.format(i=i)
+            fill = lambda name: name.format(i=i)  # noqa: E731
+            names[fill(ours)] = tuple(map(fill, theirs)) if isinstance(theirs, tuple) else fill(theirs)
     return names
 
 

@@ -2566,6 +2566,8 @@ def test_jepa_loss_and_target_std_by_hand():
     pooled = h.mean(1)
     expected = ((pooled - pooled.mean(0)) ** 2).mean(0).sqrt().mean()
     assert model.metrics()["target_std"] == pytest.approx(float(expected), rel=1e-5)
+    model.eval()(torch.randn(3, 3, 16, 16), (context, targets))  # an eval loss does not move the training watch
+    assert model.metrics()["target_std"] == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_jepa_predictor_predicts_each_block_from_its_image_alone():
@@ -2742,7 +2744,7 @@ def test_jepa_bad_folder_through_train_py_is_one_error_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides, key", [
     (dict(img_size=30), "img_size"), (dict(img_size=0), "img_size"), (dict(patch_size=32), "patch_size"),
-    (dict(n_embd=100), "n_embd"), (dict(n_embd=198, n_head=6), "n_embd"), (dict(n_head=0), "n_head"),
+    (dict(n_embd=102), "n_embd"), (dict(n_embd=198, n_head=6), "n_embd"), (dict(n_head=0), "n_head"),
     (dict(pred_n_embd=90), "pred_n_embd"), (dict(n_layer=0), "n_layer"), (dict(n_targets=0), "n_targets"),
     (dict(mlp_ratio=0.0), "mlp_ratio"), (dict(norm_eps=0.0), "norm_eps"), (dict(qkv_bias="yes"), "qkv_bias"),
     (dict(ema_start=1.1, ema_end=1.2), "ema_start"), (dict(ema_start=0.99, ema_end=0.9), "ema_start"),
