@@ -747,7 +747,7 @@ def read_image(path, size):
     """An image file -> uint8 (size, size, 3) RGB, resized (bilinear) as the model reads it."""
     from PIL import Image
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def read_jsonl(path, config):
@@ -851,7 +851,10 @@ def evaluate(model, train, val):
     per kind, and on the questions about colour-shape pairs never seen in training."""
     picks = list(eval_indices(val))
     examples = [val.examples[i] for i in picks]
-    got = answer(model, torch.stack([val.image(i) for i in picks]), [e["question"] for e in examples])
+    # decoding stops at <eos>, or after the longest true answer and its <eos>: an answer cut there has no <eos> in
+    # time and is wrong, as it would be uncut, so the cap changes no score, only the time an untrained model takes
+    longest = max(len(val.encode(i)[0]) - val.encode(i)[1] for i in picks)
+    got = answer(model, torch.stack([val.image(i) for i in picks]), [e["question"] for e in examples], longest)
     right = [g.strip() == e["answer"].strip() for g, e in zip(got, examples)]
     scores = {"answer_acc": sum(right) / len(right)}
     buckets = {f"answer_acc_{k}": [e["kind"] == k for e in examples] for k in dict.fromkeys(e["kind"] for e in examples)}
@@ -869,7 +872,7 @@ def draw(model, val, path, n=16):
     picks = list(eval_indices(val))[:n]
     images = torch.stack([val.image(i) for i in picks])
     got = answer(model, images, [val.examples[i]["question"] for i in picks])
-    cell, text_h, cols = 128, 40, 4
+    cell, text_h, cols = 128, 40, min(4, len(picks))
     rows = (len(picks) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (cell + 8), rows * (cell + text_h)), "white")
     pen = ImageDraw.Draw(sheet)
