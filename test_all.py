@@ -2682,6 +2682,7 @@ MODEL_TABLE = {
     "mamba": dict(build=lambda: tiny_mamba(variant="mamba2"), hf=hf_mamba2, tp=None),
     "mla": dict(build=tiny_mla, hf=hf_deepseek, tp=[]),
     "moe": dict(build=tiny_moe, hf=lambda: hf_mixtral(4, 2, 2), tp=["--n_kv_head=2", "--qk_norm=True"]),
+    "vlm": dict(build=tiny_vlm, hf=None, tp=None),  # provisional (vlm branch): the file must collect; integrator's call
 }
 
 
