@@ -621,7 +621,11 @@ KINDS = ("colour", "count", "position", "exists", "caption")
 # colour-shape pairs that never occur in training, not in the images nor in the text: one per shape, each colour
 # and each shape still seen with others. Half of the held-out questions are about them (answer_acc_unseen).
 HELD_OUT = {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "cross")}
-SPLITS = {"train": (20_000, 0), "val": (2_000, 1)}  # examples, numpy seed: fixed, independent of train.py's --seed
+# examples, numpy seed: fixed, independent of train.py's --seed. A million training examples: a run of minutes sees
+# each image once, so its accuracy measures what it learned about shapes, not which images it has memorized
+SPLITS = {"train": (1_000_000, 0), "val": (2_000, 1)}
+# the longest built-in examples, what block_size must hold: four shapes' caption, the longest question
+LONGEST = [("describe the image.", ", ".join(["yellow triangle"] * 4)), ("where is the triangle relative to the square?", "above")]
 EVAL_EXAMPLES = 300  # the held-out questions evaluate() answers at each eval (60 of each kind, built in)
 
 
@@ -643,10 +647,13 @@ class Split:
         return to_pixels(render(self.examples[i]["scene"], self.image_size))
 
     def encode(self, i):
-        """(ids of prompt + answer + <eos>, number of prompt ids)."""
-        e, tok = self.examples[i], self.tokenizer
-        prompt = tok.encode(prompt_text(e["question"]))
-        return prompt + tok.encode(e["answer"]) + [tok.eos_id], len(prompt)
+        return encode_example(self.tokenizer, self.examples[i]["question"], self.examples[i]["answer"])
+
+
+def encode_example(tok, question, answer):
+    """(ids of prompt + answer + <eos>, number of prompt ids)."""
+    prompt = tok.encode(prompt_text(question))
+    return prompt + tok.encode(answer) + [tok.eos_id], len(prompt)
 
 
 def to_pixels(rgb):
@@ -726,21 +733,33 @@ def make_question(rng, scene, kind, allow_held_out):
     return "describe the image.", caption, [(o[1], o[0]) for o in scene]
 
 
-def builtin_split(name):
-    """The examples of a built-in split, each from the split's own numpy generator: kinds in turn (so any 5k
-    examples hold k of each); in val every other group of five is about held-out pairs, the others are not."""
-    n, seed = SPLITS[name]
-    rng, examples = np.random.default_rng(seed), []
-    val = name == "val"
-    for i in range(n):
-        kind, want_unseen = KINDS[i % len(KINDS)], val and (i // len(KINDS)) % 2 == 1
-        while True:
-            scene = random_scene(rng, allow_held_out=val)
-            qa = make_question(rng, scene, kind, allow_held_out=val)
-            if qa is not None and any(p in HELD_OUT for p in qa[2]) == want_unseen:
-                break
-        examples.append(dict(scene=scene, question=qa[0], answer=qa[1], kind=kind, unseen=want_unseen))
-    return examples
+def builtin_example(name, i):
+    """Example i of a built-in split, made from its own generator, seeded (split seed, i): any example can be made
+    alone, in any order, the same every time. Kinds take turns (so any 5k examples hold k of each); in val every
+    other group of five is about held-out pairs, the others are not."""
+    _, seed = SPLITS[name]
+    rng, val = np.random.default_rng([seed, i]), name == "val"
+    kind, want_unseen = KINDS[i % len(KINDS)], val and (i // len(KINDS)) % 2 == 1
+    while True:
+        scene = random_scene(rng, allow_held_out=val)
+        qa = make_question(rng, scene, kind, allow_held_out=val)
+        if qa is not None and any(p in HELD_OUT for p in qa[2]) == want_unseen:
+            return dict(scene=scene, question=qa[0], answer=qa[1], kind=kind, unseen=want_unseen)
+
+
+class BuiltinExamples:
+    """A built-in split's examples as a sequence, each made when asked for: no memory, no time to load."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __len__(self):
+        return SPLITS[self.name][0]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return builtin_example(self.name, i)
 
 
 def read_image(path, size):
@@ -795,15 +814,15 @@ def load_splits(path, config, cache_dir=None):
         cut = len(examples) - max(1, len(examples) // 10)
         splits = Split(examples[:cut], config, pixels[:cut]), Split(examples[cut:], config, pixels[cut:])
     else:
-        splits = Split(builtin_split("train"), config), Split(builtin_split("val"), config)
-    for split in splits:  # every example must fit the context: one clear line now, not a crash mid-run
-        for i in range(len(split)):
-            length = len(split.encode(i)[0]) - 1  # inputs drop the last id
-            if length > config.block_size:
-                e = split.examples[i]
-                line = f"{path} line {e['line']}" if "line" in e else f"built-in example {i}"
-                raise ValueError(f"{line} is {length} tokens ({config.n_image_tokens} for the image), longer than "
-                                 f"block_size={config.block_size}; raise --block_size or shorten it")
+        splits = Split(BuiltinExamples("train"), config), Split(BuiltinExamples("val"), config)
+    tok = Tokenizer(config)  # every example must fit the context: one clear line now, not a crash mid-run
+    rows = ([(e["question"], e["answer"], f"{path} line {e['line']}") for split in splits for e in split.examples]
+            if path else [(q, a, f"the built-in {q!r} with {len(a)} characters of answer") for q, a in LONGEST])
+    for question, answer, where in rows:
+        length = len(encode_example(tok, question, answer)[0]) - 1  # inputs drop the last id
+        if length > config.block_size:
+            raise ValueError(f"{where} is {length} tokens ({config.n_image_tokens} for the image), longer than "
+                             f"block_size={config.block_size}; raise --block_size or shorten it")
     return splits
 
 
