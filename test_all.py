@@ -2614,7 +2614,7 @@ def test_vlm_trains_on_a_jsonl_file_and_answers_an_image_file(tmp_path, monkeypa
     rows = run_vlm_train(*VLM_RUN, f"--data={path}", "--max_iters=2", "--eval_interval=2", out_dir=str(tmp_path / "out"))
     assert "answer_acc_qa" in rows[-1] and 0 <= rows[-1]["answer_acc"] <= 1
     from PIL import Image
-    assert Image.open(tmp_path / "out" / "picture.png").size == (136, 168)  # the one held-out row: a 1 x 1 grid
+    assert Image.open(tmp_path / "out" / "picture.png").size == (184, 228)  # the one held-out row: a 1 x 1 grid
     # the trained checkpoint answers a question about an image file (what sample.py --image=PATH prints)
     ckpt = train.load_checkpoint(str(tmp_path / "out"))
     model = train.model_from_checkpoint(ckpt, vlm, str(tmp_path / "out")).eval()

@@ -592,7 +592,8 @@ def answer(model, images, questions, max_new_tokens=None, temperature=0.0, top_k
     for n in sorted({len(p) for p in prompts}):
         rows = [i for i, p in enumerate(prompts) if len(p) == n]
         ids = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
-        new = model.config.block_size - n if max_new_tokens is None else max_new_tokens
+        new = model.config.block_size - n  # what the context has room for
+        new = new if max_new_tokens is None else min(new, max_new_tokens)
         if new < 1:
             raise ValueError(f"the prompt {questions[rows[0]]!r} fills block_size={model.config.block_size}")
         gen = model.generate((images[rows].to(device), ids), new, temperature, top_k, top_p, stop_id=tok.eos_id)
@@ -891,7 +892,7 @@ def draw(model, val, path, n=16):
     picks = list(eval_indices(val))[:n]
     images = torch.stack([val.image(i) for i in picks])
     got = answer(model, images, [val.examples[i]["question"] for i in picks])
-    cell, text_h, cols = 128, 40, min(4, len(picks))
+    cell, text_h, cols = 176, 52, min(4, len(picks))  # 176 px: 28 characters of PIL's default font per line
     rows = (len(picks) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (cell + 8), rows * (cell + text_h)), "white")
     pen = ImageDraw.Draw(sheet)
@@ -900,9 +901,12 @@ def draw(model, val, path, n=16):
         rgb = ((images[k].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
         sheet.paste(Image.fromarray(rgb).resize((cell, cell), Image.NEAREST), (x0, y0))
         ok = got[k].strip() == e["answer"].strip()
-        pen.text((x0, y0 + cell + 1), e["question"][:24], fill="black")
-        pen.text((x0, y0 + cell + 13), f"model: {got[k]}"[:24], fill=(0, 140, 0) if ok else (200, 0, 0))
-        pen.text((x0, y0 + cell + 25), f"truth: {e['answer']}"[:24], fill="black")
+        q = e["question"]
+        cut = q.rfind(" ", 0, 28) if len(q) > 28 else len(q)  # the question on two lines, split at a space
+        lines = [(q[:cut], "black"), (q[cut:].strip()[:28], "black"), (f"model: {got[k]}"[:28], (0, 140, 0) if ok else
+                 (200, 0, 0)), (f"truth: {e['answer']}"[:28], "black")]
+        for n, (text, colour) in enumerate(lines):
+            pen.text((x0, y0 + cell + 1 + 12 * n), text, fill=colour)
     sheet.save(path)
 
 
