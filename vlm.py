@@ -910,8 +910,10 @@ def draw(model, val, path, n=16):
     sheet.save(path)
 
 
-TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=2e-3, min_lr=1e-4, warmup_iters=50, max_iters=2500,
-                      eval_interval=500, eval_iters=10, log_interval=50, block_size=128)
+# train.py's defaults for this file: many small steps (a small model learns to look at the image late, after the
+# text's statistics), about 10 minutes on a laptop CPU; block_size is train.py's key too, so it is set here
+TRAIN_DEFAULTS = dict(batch_size=16, learning_rate=3e-3, min_lr=1e-4, warmup_iters=100, max_iters=3000,
+                      eval_interval=1000, eval_iters=10, log_interval=50, block_size=128)
 
 
 # === Hugging Face interop: not needed to understand the model ===
