@@ -2425,7 +2425,8 @@ def test_vlm_matches_siglip_and_llama_with_the_image_in_place(tmp_path, tie):
         torch.testing.assert_close(model(idx)[0], ref, atol=1e-4, rtol=0)
         images = torch.randn(2, 3, 16, 16)
         ids = torch.tensor([[5, 6] + [256] * 4 + [7, 8, 9], [10] + [256] * 4 + [11, 12, 13, 14]])
-        image_tokens = pixel_shuffle_loop(siglip(pixel_values=images).last_hidden_state, 2) @ model.projector.proj.weight.T
+        patches = siglip(pixel_values=images).last_hidden_state
+        image_tokens = pixel_shuffle_loop(patches, 2) @ model.projector.proj.weight.T
         embeds = llama_hf.model.embed_tokens(ids).clone()
         for b in range(2):
             slots = [t for t in range(ids.shape[1]) if ids[b, t] == 256]
@@ -2451,7 +2452,8 @@ def test_vlm_save_pretrained_round_trip(tmp_path, tie):
     images, ids = torch.randn(2, 3, 16, 16), torch.tensor([[256] * 4 + [1, 2, 3]] * 2)
     with torch.no_grad():
         ref, _ = model((images, ids))
-        torch.testing.assert_close(vlm.Model.from_pretrained(str(tmp_path / "a"))((images, ids))[0], ref, atol=0, rtol=0)
+        loaded = vlm.Model.from_pretrained(str(tmp_path / "a"))
+        torch.testing.assert_close(loaded((images, ids))[0], ref, atol=0, rtol=0)
         tensors = load_file(tmp_path / "a" / "model.safetensors")  # re-saved as two shards and an index
         os.remove(tmp_path / "a" / "model.safetensors")
         names = sorted(tensors)
@@ -2469,7 +2471,8 @@ def test_vlm_save_pretrained_round_trip(tmp_path, tie):
 
 def vlm_split(rows, config):
     """A Split of (question, answer) rows with random images."""
-    pixels = np.random.default_rng(0).integers(0, 256, (len(rows), config.image_size, config.image_size, 3), dtype=np.uint8)
+    size = config.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (len(rows), size, size, 3), dtype=np.uint8)
     examples = [dict(question=q, answer=a, kind="qa", unseen=False) for q, a in rows]
     return vlm.Split(examples, config, pixels)
 
@@ -2611,7 +2614,8 @@ def test_vlm_a_bad_row_is_one_line_naming_it(tmp_path, capsys, bad, message):
 def test_vlm_trains_on_a_jsonl_file_and_answers_an_image_file(tmp_path, monkeypatch):
     monkeypatch.setattr(vlm, "EVAL_EXAMPLES", 4)
     path = write_jsonl(tmp_path)
-    rows = run_vlm_train(*VLM_RUN, f"--data={path}", "--max_iters=2", "--eval_interval=2", out_dir=str(tmp_path / "out"))
+    rows = run_vlm_train(*VLM_RUN, f"--data={path}", "--max_iters=2", "--eval_interval=2",
+                         out_dir=str(tmp_path / "out"))
     assert "answer_acc_qa" in rows[-1] and 0 <= rows[-1]["answer_acc"] <= 1
     from PIL import Image
     assert Image.open(tmp_path / "out" / "picture.png").size == (184, 228)  # the one held-out row: a 1 x 1 grid

@@ -93,7 +93,8 @@ class Config:
         grid = self.image_size // self.patch_size
         if grid % self.pixel_shuffle:
             raise ValueError(f"the {grid} x {grid} grid of patches does not split into squares of pixel_shuffle="
-                             f"{self.pixel_shuffle}; choose a pixel_shuffle that divides {grid} (e.g. --pixel_shuffle=1)")
+                             f"{self.pixel_shuffle}; choose a pixel_shuffle that divides {grid} "
+                             f"(e.g. --pixel_shuffle=1)")
         if self.vision_n_embd % self.vision_n_head:
             raise ValueError(f"vision_n_embd={self.vision_n_embd} is not divisible by vision_n_head="
                              f"{self.vision_n_head}; choose a multiple of it")
@@ -187,7 +188,7 @@ class VisionAttention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = (proj(x).view(B, N, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, N, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v)  # (B, n_head, N, head_dim); every patch sees every patch
         return self.out_proj(y.transpose(1, 2).reshape(B, N, C))
 
@@ -626,7 +627,8 @@ HELD_OUT = {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yell
 # each image once, so its accuracy measures what it learned about shapes, not which images it has memorized
 SPLITS = {"train": (1_000_000, 0), "val": (2_000, 1)}
 # the longest built-in examples, what block_size must hold: four shapes' caption, the longest question
-LONGEST = [("describe the image.", ", ".join(["yellow triangle"] * 4)), ("where is the triangle relative to the square?", "above")]
+LONGEST = [("describe the image.", ", ".join(["yellow triangle"] * 4)),
+           ("where is the triangle relative to the square?", "above")]
 EVAL_EXAMPLES = 300  # the held-out questions evaluate() answers at each eval (60 of each kind, built in)
 
 
@@ -877,7 +879,8 @@ def evaluate(model, train, val):
     got = answer(model, torch.stack([val.image(i) for i in picks]), [e["question"] for e in examples], longest)
     right = [g.strip() == e["answer"].strip() for g, e in zip(got, examples)]
     scores = {"answer_acc": sum(right) / len(right)}
-    buckets = {f"answer_acc_{k}": [e["kind"] == k for e in examples] for k in dict.fromkeys(e["kind"] for e in examples)}
+    kinds = dict.fromkeys(e["kind"] for e in examples)  # in order of appearance
+    buckets = {f"answer_acc_{k}": [e["kind"] == k for e in examples] for k in kinds}
     if any(e["unseen"] for e in examples):
         buckets["answer_acc_unseen"] = [e["unseen"] for e in examples]
     for name, member in buckets.items():
@@ -987,7 +990,7 @@ def siglip_config(path):
     hf = read_config(path)
     hf = hf.get("vision_config", hf) if hf.get("model_type") == "siglip" else hf
     if hf.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-        raise ValueError(f"{path} holds a {hf['model_type']!r} model, not a SigLIP vision encoder (siglip_vision_model)")
+        raise ValueError(f"{path} holds a {hf['model_type']!r} model, not a SigLIP vision encoder")
     if hf.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ValueError(f"hidden_act={hf['hidden_act']!r}: gaia's vlm.py has SigLIP's tanh GELU only")
     if hf.get("num_channels", 3) != 3:
