@@ -158,8 +158,9 @@ def peek(files, overrides, key, default):
     return overrides.get(key, value)
 
 
-def print_help(script, groups, out=sys.stdout):
-    """groups: [(title, {key: (default, type)})]."""
+def print_help(script, groups, out=None):
+    """groups: [(title, {key: (default, type)})]; printed to out, or to sys.stdout as it is at the call."""
+    out = out or sys.stdout
     print(f"usage: python {script} [config/file.py ...] [--key=value ...]\n", file=out)
     for title, table in groups:
         print(f"{title}:", file=out)

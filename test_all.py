@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 import configurator  # noqa: E402  (the project's modules, from ROOT)
 import data  # noqa: E402
 import gpt2  # noqa: E402
+import jepa  # noqa: E402
 import llama  # noqa: E402
 import mamba  # noqa: E402
 import mla  # noqa: E402
@@ -102,9 +103,9 @@ TINY_RUN = ["--tokenizer=byte", "--block_size=32", "--batch_size=8", "--eval_ite
             "--sample_tokens=0", "--learning_rate=3e-3", "--warmup_iters=2"]
 
 
-def run_train(*args, out_dir, cache_dir=None):
-    """train.py in this process (fast); returns the rows of its metrics.jsonl."""
-    args = [*TINY_RUN, f"--out_dir={out_dir}", f"--cache_dir={cache_dir or os.path.join(out_dir, 'cache')}", *args]
+def run_train(*args, out_dir, cache_dir=None, base=TINY_RUN):
+    """train.py in this process (fast) with base (a tiny text run's keys) then args; returns the rows of its metrics.jsonl."""
+    args = [*base, f"--out_dir={out_dir}", f"--cache_dir={cache_dir or os.path.join(out_dir, 'cache')}", *args]
     train.train(list(args))
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -2664,6 +2665,454 @@ def test_vlm_config_derives_the_vocabulary_from_the_tokenizer():
     assert vlm.Config(**dataclasses.asdict(config)) == config
 
 
+# ------------------------------------------------------------------------------------- jepa.py
+# Tests of jepa.py (I-JEPA). References independent of gaia's code: transformers' IJepaModel holding the same
+# weights, the masks' definition counted patch by patch, the EMA and loss formulas written out, a probe on
+# features separable by construction, torch's FLOP counter, and image folders written here with Pillow.
+
+
+def tiny_jepa(**overrides):
+    """A small random jepa.Model: 16 x 16 images in 2 x 2 patches (an 8 x 8 grid), 2 layers of 32, a 1-layer
+    predictor of 16."""
+    torch.manual_seed(0)
+    config = dict(img_size=16, patch_size=2, n_embd=32, n_layer=2, n_head=4, pred_n_embd=16, pred_n_layer=1,
+                  pred_n_head=2)
+    return jepa.Model(jepa.Config(**{**config, **overrides}))
+
+
+def hf_ijepa(qkv_bias=True):
+    from transformers import IJepaConfig, IJepaModel
+    torch.manual_seed(0)
+    config = IJepaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+                         image_size=16, patch_size=4, layer_norm_eps=1e-6, qkv_bias=qkv_bias,
+                         initializer_range=0.1)  # > HF's 0.02: peaked attention, so a wrong q/k/v order shows
+    return randomize_constant_params(IJepaModel(config, add_pooling_layer=False).float().eval())
+
+
+@pytest.mark.parametrize("qkv_bias, max_shard_size", [(True, None), (True, "20KB"), (False, "20KB")],
+                         ids=["one-file", "sharded", "no-qkv-bias"])
+def test_jepa_encode_matches_transformers_both_ways(tmp_path, qkv_bias, max_shard_size):
+    """transformers' IJepaModel -> gaia (both encoders) -> the same last_hidden_state (incl. the final norm);
+    gaia's save_pretrained (the target encoder) -> IJepaModel.from_pretrained -> the same again."""
+    from transformers import IJepaModel
+    hf = hf_ijepa(qkv_bias)
+    if max_shard_size:
+        hf.save_pretrained(tmp_path / "hf", max_shard_size=max_shard_size)
+        assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+        assert not (tmp_path / "hf" / "model.safetensors").exists()
+    else:
+        hf.save_pretrained(tmp_path / "hf")
+    model = jepa.Model.from_pretrained(str(tmp_path / "hf")).eval()
+    assert (model.config.n_embd, model.config.mlp_ratio, model.config.grid) == (32, 2.5, 4)
+    assert model.config.min_keep == 0  # lowered from 4: on a 4 x 4 grid the smallest target block is one patch
+    jepa.sample_masks(model.config, 2, torch.Generator())  # so training can draw its masks
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = hf(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(model.encode(images), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.encoder(images), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(images)[0], ref, atol=1e-4, rtol=0)
+    with torch.no_grad():  # what save_pretrained writes is the target encoder: make it differ from the encoder
+        for p in model.encoder.parameters():
+            p.add_(0.1)
+    model.save_pretrained(str(tmp_path / "gaia"))
+    saved = json.loads((tmp_path / "gaia" / "config.json").read_text())
+    assert saved["model_type"] == "ijepa" and saved["architectures"] == ["IJepaModel"]
+    back = IJepaModel.from_pretrained(tmp_path / "gaia").float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(pixel_values=images).last_hidden_state, ref, atol=1e-4, rtol=0)
+
+
+def test_jepa_rejects_unsupported_checkpoints(tmp_path):
+    from transformers import IJepaConfig, IJepaModel
+    base = dict(model_type="ijepa", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                image_size=16, patch_size=4)
+    for extra, message in [(dict(hidden_act="gelu_new"), "hidden_act='gelu_new' is not the exact GELU"),
+                           (dict(image_size=18), "image_size=18 is not a multiple of patch_size=4"),
+                           (dict(image_size=[16, 32]), r"image_size=\[16, 32\] is not square"),
+                           (dict(model_type="llama"), "holds a 'llama' model, not ijepa; use --model=llama")]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+        with pytest.raises(ValueError, match=message):
+            jepa.Model.from_pretrained(str(tmp_path))
+    IJepaModel(IJepaConfig(**{k: v for k, v in base.items() if k != "model_type"}),
+               add_pooling_layer=True).save_pretrained(tmp_path / "pooled")
+    with pytest.raises(ValueError, match="has a pooler"):
+        jepa.Model.from_pretrained(str(tmp_path / "pooled"))
+
+
+# ------------------------------------------------------------------ the masks, counted patch by patch
+
+def rectangle(indices, grid):
+    """(top, left, h, w) of the patch indices if they fill exactly that rectangle of the grid, else None."""
+    rows, cols = sorted({i // grid for i in indices}), sorted({i % grid for i in indices})
+    h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    full = {r * grid + c for r in range(rows[0], rows[0] + h) for c in range(cols[0], cols[0] + w)}
+    return (rows[0], cols[0], h, w) if set(indices) == full and len(indices) == len(full) else None
+
+
+JEPA_MASK_CONFIGS = [dict(), dict(img_size=48, patch_size=4, n_targets=3, target_scale=(0.1, 0.3),
+                                  target_aspect=(0.5, 2.0), context_scale=(0.5, 0.7), min_keep=6)]
+
+
+@pytest.mark.parametrize("overrides", JEPA_MASK_CONFIGS, ids=["default", "12x12"])
+def test_jepa_masks_obey_their_definition(overrides):
+    """Over 40 seeded batches of 16: each target block is a full h x w rectangle, one size per batch, with
+    h * w / N in target_scale and h / w in target_aspect up to the rounding of each side to the nearest integer
+    (so area and ratio are checked with h, w each +-0.5, and the scale's int() floor as 1 patch); the context lies
+    in one square no larger than context_scale allows, outside every target block of its image (the reference
+    gives up the last targets' constraint after 20 failed draws: allowed in under 2% of images), more than
+    min_keep patches everywhere, and every patch of the grid can be a target and in the context."""
+    c = jepa.Config(**overrides)
+    grid, N = c.grid, c.n_patches
+    generator = torch.Generator().manual_seed(0)
+    overlaps = images = 0
+    seen_target, seen_context = set(), set()
+    for _ in range(40):
+        context, targets = jepa.sample_masks(c, 16, generator)
+        assert context.dtype == targets.dtype == torch.int64
+        assert context.shape[0] == 16 and targets.shape[:2] == (c.n_targets, 16)
+        assert context.shape[1] > c.min_keep and targets.shape[2] > c.min_keep
+        sizes = set()
+        for b in range(16):
+            blocks = [targets[j, b].tolist() for j in range(c.n_targets)]
+            for block in blocks:
+                rect = rectangle(block, grid)
+                assert rect is not None, block
+                top, left, h, w = rect
+                assert 0 <= top and top + h <= grid and 0 <= left and left + w <= grid
+                sizes.add((h, w))
+                lo, hi = c.target_scale
+                assert (h - 0.5) * (w - 0.5) <= hi * N and (h + 0.5) * (w + 0.5) >= lo * N - 1, (h, w)
+                assert (h - 0.5) / (w + 0.5) <= c.target_aspect[1] and (h + 0.5) / (w - 0.5) >= c.target_aspect[0]
+                seen_target.update(block)
+            ctx = context[b].tolist()
+            assert ctx == sorted(set(ctx))
+            rows, cols = [i // grid for i in ctx], [i % grid for i in ctx]
+            side = math.sqrt(c.context_scale[1] * N) + 0.5
+            assert max(rows) - min(rows) + 1 <= side and max(cols) - min(cols) + 1 <= side
+            seen_context.update(ctx)
+            images += 1
+            overlaps += any(set(ctx) & set(block) for block in blocks)
+        assert len(sizes) == 1, sizes  # one target size per batch
+    assert overlaps <= 0.02 * images, (overlaps, images)
+    assert seen_target == set(range(N)), sorted(set(range(N)) - seen_target)
+    if c.context_scale[1] < 0.9:  # a context smaller than the grid can sit anywhere too
+        assert seen_context == set(range(N)), sorted(set(range(N)) - seen_context)
+
+
+def test_jepa_blocks_fill_every_place_and_the_tolerance_gives_up_the_last_target_first():
+    """sample_block: an h x w rectangle at a uniformly drawn top-left corner, every corner of the grid reached
+    (the last row and column included, where the reference's randint(0, grid - h) never goes). Context blocks
+    that cannot keep more than min_keep patches outside the targets give up the LAST target's region after 20
+    failed draws (the reference's tolerance): with the left half and then the right half of a 4 x 4 grid to
+    avoid, a whole-grid block ends up as the right half."""
+    generator = torch.Generator().manual_seed(0)
+    for h, w in [(3, 2), (1, 4), (5, 5)]:
+        corners = set()
+        for _ in range(400):
+            mask = jepa.sample_block(h, w, 6, 0, generator)
+            rect = rectangle(mask.flatten().nonzero().squeeze(1).tolist(), 6)
+            assert rect is not None and rect[2:] == (h, w), (rect, h, w)
+            corners.add(rect[:2])
+        assert corners == {(t, l) for t in range(6 - h + 1) for l in range(6 - w + 1)}
+    left = torch.zeros(4, 4, dtype=torch.bool)
+    left[:, :2] = True
+    mask = jepa.sample_block(4, 4, 4, 4, generator, avoid=[left, ~left])
+    assert torch.equal(mask, ~left)
+
+
+def test_jepa_positions_are_the_references_2d_sincos():
+    """The reference's get_2d_sincos_pos_embed, written out as there (numpy, meshgrid with w first)."""
+    def reference(dim, grid_size):
+        def one_d(d, pos):
+            omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=float) / (d / 2.0))
+            out = np.einsum("m,d->md", pos.reshape(-1), omega)
+            return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+        grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=float), np.arange(grid_size, dtype=float)), axis=0)
+        grid = grid.reshape([2, 1, grid_size, grid_size])
+        return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+    for dim, grid in [(32, 8), (16, 3)]:
+        torch.testing.assert_close(jepa.sincos_pos_embed(dim, grid), torch.from_numpy(reference(dim, grid)).float())
+    model = tiny_jepa()
+    torch.testing.assert_close(model.encoder.pos_embed[0], torch.from_numpy(reference(32, 8)).float())
+    torch.testing.assert_close(model.predictor.pos_embed[0], torch.from_numpy(reference(16, 8)).float())
+
+
+def test_jepa_batches_replay_and_ranks_split_the_global_batch():
+    """seek(position) redraws a batch exactly; the masks use only the given generator (not the global one);
+    rank r of 2 with batch 8 holds rows 8r..8r+7 of what one process with batch 16 draws, masks included."""
+    c = jepa.Config(img_size=16, patch_size=2)
+    images, labels = jepa.render_shapes(40, 16, 0)
+    split = jepa.ImageSplit(torch.from_numpy(images), torch.from_numpy(labels), list(jepa.SHAPES))
+    one = jepa.Batches(split, c, 16, seed=7)
+    ranks = [jepa.Batches(split, c, 8, seed=7, rank=r, world=2) for r in range(2)]
+    for _ in range(3):
+        x, (ctx, tgt) = one.next()
+        assert x.shape == (16, 3, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+        parts = [b.next() for b in ranks]
+        torch.testing.assert_close(torch.cat([p[0] for p in parts]), x, rtol=0, atol=0)
+        assert torch.equal(torch.cat([p[1][0] for p in parts]), ctx)
+        assert torch.equal(torch.cat([p[1][1] for p in parts], dim=1), tgt)
+    state = torch.get_rng_state()
+    torch.manual_seed(123)  # the global generator must not matter
+    x, (ctx, tgt) = one.next()
+    torch.set_rng_state(state)
+    position = one.position  # the state that drew x
+    one.next()
+    one.seek(position)
+    x2, (ctx2, tgt2) = one.next()
+    assert torch.equal(x, x2) and torch.equal(ctx, ctx2) and torch.equal(tgt, tgt2)
+
+
+# ------------------------------------------------------------------ the training step, by hand
+
+def test_jepa_ema_is_its_formula_and_the_target_gets_no_gradient():
+    model = tiny_jepa(ema_start=0.9, ema_end=0.99)
+    context, targets = jepa.sample_masks(model.config, 4, torch.Generator().manual_seed(0))
+    _, loss = model(torch.randn(4, 3, 16, 16), (context, targets))
+    loss.backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    with torch.no_grad():  # the encoder moves away from the target (as after an optimizer step)
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    online = [p.detach().clone() for p in model.encoder.parameters()]
+    before = [p.detach().clone() for p in model.target_encoder.parameters()]
+    model.after_optimizer_step(3, 10)
+    m = 0.9 + (0.99 - 0.9) * 3 / 10
+    for p, t, o in zip(model.target_encoder.parameters(), before, online):
+        torch.testing.assert_close(p, m * t + (1 - m) * o, rtol=0, atol=1e-6)
+    assert all(torch.equal(p, o) for p, o in zip(model.encoder.parameters(), online))
+
+
+def test_jepa_loss_and_target_std_by_hand():
+    """loss = mean smooth L1 (beta 1) between the predictions and the target encoder's features, layer-normed
+    (no affine, eps 1e-5) and gathered at each target block of each image by a loop; target_std from the same."""
+    model = tiny_jepa()
+    with torch.no_grad():  # the target encoder differs from the encoder, as during training
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = torch.randn(3, 3, 16, 16)
+    context, targets = jepa.sample_masks(model.config, 3, torch.Generator().manual_seed(1))
+    pred, loss = model(images, (context, targets))
+    with torch.no_grad():
+        h = model.encode(images)
+    mean, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+    h = (h - mean) / torch.sqrt(var + 1e-5)
+    total, count = 0.0, 0
+    for j in range(targets.shape[0]):
+        for b in range(3):
+            for k, patch in enumerate(targets[j, b].tolist()):
+                d = (pred[j, b, k] - h[b, patch]).abs()
+                total += torch.where(d < 1, 0.5 * d ** 2, d - 0.5).sum()
+                count += d.numel()
+    torch.testing.assert_close(loss, total / count)
+    pooled = h.mean(1)
+    expected = ((pooled - pooled.mean(0)) ** 2).mean(0).sqrt().mean()
+    assert model.metrics()["target_std"] == pytest.approx(float(expected), rel=1e-5)
+    model.eval()(torch.randn(3, 3, 16, 16), (context, targets))  # an eval loss does not move the training watch
+    assert model.metrics()["target_std"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_jepa_predictor_predicts_each_block_from_its_image_alone():
+    """The batched predictor (the context repeated once per target block) gives, for block j of image b, what
+    a batch of that image and that block alone gives; the encoder keeps only the asked patches, each with its
+    own position (reversed indices give the reversed full output)."""
+    model = tiny_jepa()
+    images = torch.randn(3, 3, 16, 16)
+    context, targets = jepa.sample_masks(model.config, 3, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ctx = model.encoder(images, context)
+        pred = model.predictor(ctx, context, targets)
+        for j in range(targets.shape[0]):
+            for b in range(3):
+                alone = model.predictor(ctx[b:b + 1], context[b:b + 1], targets[j:j + 1, b:b + 1])
+                torch.testing.assert_close(pred[j, b], alone[0, 0], atol=1e-5, rtol=0)
+        everything = model.encoder(images)
+        reverse = torch.arange(model.config.n_patches - 1, -1, -1).expand(3, -1)
+        torch.testing.assert_close(model.encoder(images, reverse), everything.flip(1), atol=1e-5, rtol=0)
+
+
+def test_jepa_flops_per_sample_counts_the_matmuls(monkeypatch):
+    """flops_per_sample(n_context, n_target) * B equals torch's FLOP counter over one training forward and
+    backward, with attention written as matmuls so that the counter sees it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def attention(q, k, v):
+        return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+    model = tiny_jepa(mlp_ratio=3.0)
+    context, targets = jepa.sample_masks(model.config, 4, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(4, 3, 16, 16), (context, targets))[1].backward()
+    expected = model.flops_per_sample(context.shape[1], targets.shape[2]) * 4
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
+    assert 0 < model.flops_per_sample() < 6 * 3 * model.num_params() * model.config.n_patches
+
+
+# ------------------------------------------------------------------ the linear probe
+
+def test_jepa_linear_probe_separates_separable_features():
+    """Features whose class shifts one coordinate by 4 noise widths are separated; shuffled labels are not."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 6, (900,), generator=g)
+    x = torch.randn(900, 24, generator=g) + 4 * F.one_hot(y, 24).float()
+    assert jepa.linear_probe(x[:600], y[:600], x[600:], y[600:]) >= 0.95
+    shuffled = y[:600][torch.randperm(600, generator=g)]
+    assert jepa.linear_probe(x[:600], shuffled, x[600:], y[600:]) <= 0.35
+
+
+def test_jepa_evaluate_probes_this_model_and_a_random_one():
+    model = tiny_jepa()
+    (train_images, train_labels), (val_images, val_labels) = jepa.render_shapes(120, 16, 0), jepa.render_shapes(60, 16, 1)
+    train = jepa.ImageSplit(torch.from_numpy(train_images), torch.from_numpy(train_labels), list(jepa.SHAPES))
+    val = jepa.ImageSplit(torch.from_numpy(val_images), torch.from_numpy(val_labels), list(jepa.SHAPES))
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = jepa.evaluate(model, train, val)
+    assert torch.equal(torch.get_rng_state(), state)  # a resumed run draws the same numbers
+    assert set(first) == {"probe_acc", "probe_acc_random"} and all(0 <= v <= 1 for v in first.values())
+    assert jepa.evaluate(model, train, val) == first  # deterministic
+    assert jepa.evaluate(model, jepa.ImageSplit(train.images, None, []), jepa.ImageSplit(val.images, None, [])) == {}
+
+
+def test_jepa_draw_writes_a_png(tmp_path):
+    model = tiny_jepa()
+    images, labels = jepa.render_shapes(8, 16, 0)
+    jepa.draw(model, jepa.ImageSplit(torch.from_numpy(images), torch.from_numpy(labels), list(jepa.SHAPES)),
+              str(tmp_path / "masks.png"))
+    assert (tmp_path / "masks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ data: the built-in shapes and image folders
+
+def test_jepa_builtin_data_is_deterministic_and_labelled():
+    c = jepa.Config()
+    train, val = jepa.load_splits("", c, None)
+    again, _ = jepa.load_splits("", c, None)
+    assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (c.img_size, c.img_size, 3)
+    assert len(train) >= 5 * len(val) > 0 and val.images.shape[1:] == train.images.shape[1:]
+    assert len(train.classes) >= 6 and train.classes == val.classes
+    for split in (train, val):  # every class present, none dominant
+        counts = torch.bincount(split.labels, minlength=len(split.classes))
+        assert counts.min() > 0.5 * len(split) / len(split.classes)
+    assert not torch.equal(train.images[:len(val)], val.images)  # val is drawn apart from train
+    assert train.images.float().std() > 40  # not blank
+
+
+def write_png(path, size=(40, 30), colour=(200, 10, 10)):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, (0, 0, 255))  # blue edges around a centred square of colour
+    w, h = size
+    image.paste(colour, (w // 2 - 5, h // 2 - 5, w // 2 + 5, h // 2 + 5))
+    image.save(path)
+
+
+def test_jepa_image_folders(tmp_path):
+    """Class subfolders give labels by sorted folder name and a per-class val share; a flat folder gives none.
+    Images are resized by the shorter side and centre-cropped: the centred square stays in the middle."""
+    c = jepa.Config(img_size=16, patch_size=2)
+    for i in range(6):
+        write_png(tmp_path / "classes" / "b_dogs" / f"{i}.png", colour=(200, 10, 10))
+        write_png(tmp_path / "classes" / "a_cats" / f"{i}.jpg", size=(30, 50), colour=(10, 200, 10))
+    write_png(tmp_path / "classes" / "a_cats" / "extra.PNG", colour=(10, 200, 10))
+    (tmp_path / "classes" / "notes.txt").write_text("not an image")
+    train, val = jepa.load_splits(str(tmp_path / "classes"), c, str(tmp_path / "cache"))
+    assert train.classes == val.classes == ["a_cats", "b_dogs"]
+    assert len(train) + len(val) == 13 and sorted(torch.bincount(val.labels).tolist()) == [1, 1]
+    assert train.images.shape[1:] == (16, 16, 3) and train.images.dtype == torch.uint8
+    for split in (train, val):
+        for image, label in zip(split.images, split.labels):
+            centre, corner = image[8, 8].tolist(), image[0, 0].tolist()
+            assert (centre[1] > 150) == (label == 0) and (centre[0] > 150) == (label == 1) and corner[2] > 200
+    cached, _ = jepa.load_splits(str(tmp_path / "classes"), c, str(tmp_path / "cache"))
+    assert torch.equal(cached.images, train.images) and len(os.listdir(tmp_path / "cache")) == 1
+    for i in range(10):
+        write_png(tmp_path / "flat" / f"{i}.png")
+    train, val = jepa.load_splits(str(tmp_path / "flat"), c, None)
+    assert train.labels is None and val.labels is None and len(train) + len(val) == 10 and len(val) >= 1
+
+
+def test_jepa_bad_folders_give_one_clear_line(tmp_path):
+    c = jepa.Config()
+    (tmp_path / "file.png").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("hello")
+    write_png(tmp_path / "corrupt" / "good.png")
+    (tmp_path / "corrupt" / "bad.png").write_bytes(b"\x89PNG not really")
+    write_png(tmp_path / "one" / "only" / "a.png")
+    write_png(tmp_path / "mixed" / "loose.png")
+    write_png(tmp_path / "mixed" / "cls" / "a.png")
+    for path, words in [("missing", "does not exist"), ("file.png", "is a file"), ("empty", "no PNG/JPEG images"),
+                        ("text", "no PNG/JPEG images"), ("corrupt", "cannot read image .*bad.png"),
+                        ("one", "one class subfolder .*a probe needs two or more.*flat folder"),
+                        ("mixed", "both images .* and class subfolders")]:
+        with pytest.raises(ValueError, match=words) as error:
+            jepa.load_splits(str(tmp_path / path), c, None)
+        assert "\n" not in str(error.value)
+
+
+def test_jepa_trains_on_an_image_folder_without_collapse_and_exports(tmp_path, capsys):
+    """train.py on a folder of two classes: the loss falls, the target features keep their spread (no collapse),
+    and export.py writes the target encoder as a directory transformers' IJepaModel loads with the same features."""
+    from transformers import IJepaModel
+    for i in range(24):
+        write_png(tmp_path / "images" / "red" / f"{i}.png", size=(20 + i, 24), colour=(200, 10 + i, 10))
+        write_png(tmp_path / "images" / "green" / f"{i}.png", size=(24, 20 + i), colour=(10, 200, 10 + i))
+    rows = run_train("--model=jepa", *JEPA_TINY_RUN, f"--data={tmp_path / 'images'}", "--max_iters=20",
+                     "--eval_interval=10", out_dir=str(tmp_path / "run"), base=[])
+    steps = [r for r in rows if "loss" in r]
+    assert steps[-1]["loss"] < 0.9 * steps[0]["loss"], steps
+    assert min(r["target_std"] for r in steps) > 0.5 * steps[0]["target_std"], steps  # collapse drives it to 0
+    assert {"probe_acc", "probe_acc_random"} <= set(rows[-1])
+    code, out = run_main(capsys, f"--out_dir={tmp_path / 'run'}", f"--hf_dir={tmp_path / 'hf'}", main=export_main)
+    assert code == 0, out
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    model = train.model_from_checkpoint({**ckpt, "path": "ckpt.pt"}, jepa, str(tmp_path / "run")).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = IJepaModel.from_pretrained(tmp_path / "hf").eval()(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(model.encode(images), reference, atol=1e-4, rtol=0)
+
+
+def test_jepa_bad_folder_through_train_py_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, out = run_main(capsys, "--model=jepa", f"--data={tmp_path / 'empty'}", f"--out_dir={tmp_path / 'run'}")
+    assert code == 1 and len(out.strip().splitlines()) == 1 and out.startswith("error: ") and "no PNG/JPEG" in out, out
+
+
+# ------------------------------------------------------------------ the config
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(img_size=30), "img_size"), (dict(img_size=0), "img_size"), (dict(patch_size=32), "patch_size"),
+    (dict(n_embd=102), "n_embd"), (dict(n_embd=198, n_head=6), "n_embd"), (dict(n_head=0), "n_head"),
+    (dict(pred_n_embd=90), "pred_n_embd"), (dict(n_layer=0), "n_layer"), (dict(n_targets=0), "n_targets"),
+    (dict(mlp_ratio=0.0), "mlp_ratio"), (dict(norm_eps=0.0), "norm_eps"), (dict(qkv_bias="yes"), "qkv_bias"),
+    (dict(ema_start=1.1, ema_end=1.2), "ema_start"), (dict(ema_start=0.99, ema_end=0.9), "ema_start"),
+    (dict(target_scale=(0.3, 0.2)), "target_scale"), (dict(target_scale=(0.0, 0.2)), "target_scale"),
+    (dict(target_scale=(0.1, 0.2, 0.3)), "target_scale"), (dict(context_scale=(0.5, 1.5)), "context_scale"),
+    (dict(target_aspect=(2.0, 1.0)), "target_aspect"), (dict(min_keep=-1), "min_keep"),
+    (dict(min_keep=9), "target_scale"),  # a 3 x 3 target block cannot keep more than 9 patches
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_jepa_config_rejects_bad_values(overrides, key):
+    """Each bad value fails when the Config is built, in one line that starts with the key and its value."""
+    with pytest.raises(ValueError) as error:
+        jepa.Config(**overrides)
+    message = str(error.value)
+    assert message.startswith(key + "=") and "\n" not in message, message
+
+
+def test_jepa_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone():
+    model = tiny_jepa(target_scale=[0.1, 0.2])  # a JSON config gives lists: stored as the tuple
+    before = dataclasses.asdict(model.config)
+    assert before["target_scale"] == (0.1, 0.2) and jepa.Config(**before) == model.config
+    jepa.Model(model.config)
+    assert dataclasses.asdict(model.config) == before
+
 
 # ===================================================================================== every model file, one table
 # The tests that hold for every model file, parametrized over one table: a new model file gets all of them by adding
@@ -2688,17 +3137,32 @@ MODEL_TABLE = {
     "mamba": dict(build=lambda: tiny_mamba(variant="mamba2"), hf=hf_mamba2, tp=None),
     "mla": dict(build=tiny_mla, hf=hf_deepseek, tp=[]),
     "moe": dict(build=tiny_moe, hf=lambda: hf_mixtral(4, 2, 2), tp=["--n_kv_head=2", "--qk_norm=True"]),
-    "vlm": dict(build=tiny_vlm, hf=None, tp=None),  # provisional (vlm branch): the file must collect; integrator's call
 }
 
 
+TEXT_MODELS = sorted(MODEL_TABLE)
+
+# Models that bring their own data (README: the model contract): `build` as above; `run`, the train.py keys of a
+# tiny run on the model's built-in data (its own keys, no text keys).
+JEPA_TINY_RUN = ["--img_size=16", "--patch_size=2", "--n_embd=32", "--n_layer=2", "--n_head=4", "--pred_n_embd=16",
+                 "--pred_n_layer=1", "--pred_n_head=2", "--batch_size=8", "--eval_iters=2", "--log_interval=1",
+                 "--warmup_iters=2", "--learning_rate=1e-3"]
+OWN_DATA_TABLE = {
+    "jepa": dict(build=tiny_jepa, run=JEPA_TINY_RUN),
+    "vlm": dict(build=tiny_vlm, run=VLM_RUN[1:]),
+}
+OWN_DATA_MODELS = sorted(OWN_DATA_TABLE)
+EVERY_MODEL = {**MODEL_TABLE, **OWN_DATA_TABLE}
+
+
 def test_the_table_has_a_row_for_every_model_file():
-    assert sorted(MODEL_TABLE) == MODELS
+    assert sorted(EVERY_MODEL) == MODELS
+    assert [m for m in MODELS if train.brings_own_data(train.load_model_module(m))] == OWN_DATA_MODELS
 
 
 # ------------------------------------------------------------------------------------- the model file's shape
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_sample_is_the_same_function_in_every_file(model):
     """Each file carries its own copy of sample() (one file, one model); the copies must not drift apart."""
     assert inspect.getsource(train.load_model_module(model).sample) == inspect.getsource(gpt2.sample)
@@ -2708,14 +3172,14 @@ def test_sample_is_the_same_function_in_every_file(model):
 def test_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone(model):
     """Checkpoints store dataclasses.asdict(config) and train.py rebuilds Config(**it): nothing may be lost or
     derived twice, and building the Model must not write into its config."""
-    m = MODEL_TABLE[model]["build"]()
+    m = EVERY_MODEL[model]["build"]()
     before = dataclasses.asdict(m.config)
     assert type(m.config)(**before) == m.config
     type(m)(m.config)
     assert dataclasses.asdict(m.config) == before
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_hugging_face_round_trip(model, tmp_path):
     """transformers' model -> gaia (sharded safetensors) -> the same logits -> gaia's save_pretrained -> transformers."""
     hf = MODEL_TABLE[model]["hf"]()
@@ -2724,7 +3188,7 @@ def test_hugging_face_round_trip(model, tmp_path):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_directory_without_weights_says_so(model, tmp_path):
-    MODEL_TABLE[model]["build"]().save_pretrained(str(tmp_path))
+    EVERY_MODEL[model]["build"]().save_pretrained(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
         train.load_model_module(model).Model.from_pretrained(str(tmp_path))
@@ -2732,19 +3196,19 @@ def test_a_directory_without_weights_says_so(model, tmp_path):
 
 # ------------------------------------------------------------------------------------- decoding and sampling
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_cached_decode_matches_full_forward(model):
-    m = MODEL_TABLE[model]["build"]()
+    m = EVERY_MODEL[model]["build"]()
     cache = m.make_cache(2, 16)
     assert cache.pos == 0 and isinstance(cache.bytes_per_token, int) and cache.bytes_per_token >= 0
     check_cached_decode(m, m.config.vocab_size, prompt_len=5, new_tokens=24)
 
 
-@pytest.mark.parametrize("model", [m for m in MODELS if "block_size" in config_keys(m)])
+@pytest.mark.parametrize("model", [m for m in TEXT_MODELS if "block_size" in config_keys(m)])
 def test_generation_past_block_size_slides_the_window(model):
     """Past block_size, every token is predicted from the last block_size tokens (nanoGPT's crop): the logits
     of each step equal a full forward over that cropped window."""
-    m = MODEL_TABLE[model]["build"]().eval()
+    m = EVERY_MODEL[model]["build"]().eval()
     block_size = m.config.block_size
     prompt = torch.randint(0, m.config.vocab_size, (2, block_size - 5))
     out, step_logits = m.generate(prompt, 12, temperature=0, return_logits=True)
@@ -2776,7 +3240,7 @@ def nucleus_reference(probs, temperature=1.0, top_k=None, top_p=None):
     return [p[i] / sum(p[j] for j in keep) if i in keep else 0.0 for i in range(len(p))]
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.5, None, None), (1.0, 2, None),
                                                        (1.0, None, 0.7), (2.0, 3, 0.7)])
 def test_sampling_draws_from_the_filtered_distribution(model, temperature, top_k, top_p):
@@ -2791,17 +3255,17 @@ def test_sampling_draws_from_the_filtered_distribution(model, temperature, top_k
     assert torch.equal(sample(logits[:2], temperature=0), torch.tensor([[1], [1]]))
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_generate_passes_its_filters_to_sampling(model):
     """top_k=1 at temperature 1 can only pick the most likely token: generate must equal greedy decoding."""
-    m = MODEL_TABLE[model]["build"]().eval()
+    m = EVERY_MODEL[model]["build"]().eval()
     prompt = torch.randint(0, m.config.vocab_size, (2, 4))
     greedy = m.generate(prompt, 6, temperature=0)
     assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_k=1), greedy)
     assert torch.equal(m.generate(prompt, 6, temperature=1.0, top_p=1e-6), greedy)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_bench_decode_runs_for_every_model(model, monkeypatch, capsys):
     """bench.py decode reads every model's cache the same way: make_cache(...).bytes_per_token."""
     out = run_bench(monkeypatch, capsys, ["decode", f"--model={model}", "--context=4", "--new_tokens=3",
@@ -2813,7 +3277,7 @@ def test_bench_decode_runs_for_every_model(model, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------- training with train.py
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_short_run_loss_falls(model, tmp_path):
     rows = run_train(f"--model={model}", "--max_iters=40", "--eval_interval=40", out_dir=str(tmp_path))
     evals = [r for r in rows if "val_loss" in r]
@@ -2833,7 +3297,7 @@ def test_short_run_loss_falls(model, tmp_path):
     assert matplotlib.image.imread(tmp_path / "dashboard.png").shape[:2] == (4 * 80, 5 * panels * 80)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_resume_is_bit_identical(model, tmp_path):
     """A run stopped at iter 6 and resumed to 12 logs exactly the losses of an unbroken 12-iter run."""
     has_dropout = "dropout" in config_keys(model)
@@ -2845,6 +3309,111 @@ def test_resume_is_bit_identical(model, tmp_path):
     assert len(losses(whole)) == 12
     assert losses(resumed) == losses(whole)
     assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
+
+
+# ------------------------------------------------------------------------------------- models that bring their own data
+
+@pytest.fixture(scope="session")
+def own_data_cache(tmp_path_factory):
+    """One cache_dir for every own-data run: built-in data made once."""
+    return str(tmp_path_factory.mktemp("own_data_cache"))
+
+
+def run_own(model, *args, out_dir, cache_dir):
+    return run_train(f"--model={model}", *OWN_DATA_TABLE[model]["run"], *args, out_dir=str(out_dir),
+                     cache_dir=cache_dir, base=[])
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+def test_own_data_run_logs_scores_draws_and_falls(model, tmp_path, own_data_cache, capsys):
+    rows = run_own(model, "--max_iters=30", "--eval_interval=15", out_dir=tmp_path, cache_dir=own_data_cache)
+    out = capsys.readouterr().out
+    steps, evals = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 15, 30]
+    assert steps[-1]["loss"] < steps[0]["loss"] and evals[-1]["val_loss"] < evals[0]["val_loss"], evals
+    scores = set(evals[0]) - {"iter", "train_loss", "val_loss"}
+    assert scores and all(set(r) - {"iter", "train_loss", "val_loss"} == scores for r in evals)  # every eval scores
+    assert all(math.isfinite(r[k]) for r in evals for k in scores)
+    assert all(r["samples_per_s"] > 0 and "tokens_per_s" not in r for r in steps)
+    assert re.search(r"iter 30: loss [\d.]+, time [\d.]+ms, [\d,]+ samples/s", out), out
+    for k in scores:  # the eval line names every score
+        assert re.search(rf"step 30: train loss [\d.]+, val loss [\d.]+.*, {k} [\d.]+", out), out
+    assert f"picture: {tmp_path / 'picture.png'}" in out and "sample:" not in out
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "picture.png").ndim == 3
+    step_scores = any(isinstance(v, float) for k, v in steps[-1].items() if k not in
+                      {"iter", "loss", "lr", "grad_norm", "samples_per_s", "tflops", "mfu"})
+    panels = 3 + step_scores + 1  # loss, lr, samples/s, the model's metrics, the evaluation scores
+    assert matplotlib.image.imread(tmp_path / "dashboard.png").shape[:2] == (4 * 80, 5 * panels * 80)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"] is None
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+def test_own_data_resume_is_bit_identical(model, tmp_path, own_data_cache):
+    common = ["--lr_decay_iters=8", "--eval_interval=4"]
+    whole = run_own(model, *common, "--max_iters=8", out_dir=tmp_path / "a", cache_dir=own_data_cache)
+    run_own(model, *common, "--max_iters=4", out_dir=tmp_path / "b", cache_dir=own_data_cache)
+    resumed = run_train("--init_from=resume", "--max_iters=8", out_dir=str(tmp_path / "b"), cache_dir=own_data_cache, base=[])
+    losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    evals = lambda rows: [{k: v for k, v in r.items()} for r in rows if "val_loss" in r]
+    assert len(losses(whole)) == 8 and losses(resumed) == losses(whole)
+    assert evals(resumed) == evals(whole)  # the eval losses and the model's scores too
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+def test_own_data_ddp_two_ranks_equal_one_process_with_twice_the_batch(model, tmp_path, own_data_cache):
+    args = [f"--model={model}", *[a for a in OWN_DATA_TABLE[model]["run"] if not a.startswith("--batch_size")],
+            "--max_iters=4", "--eval_interval=2", "--lr_decay_iters=4", f"--cache_dir={own_data_cache}"]
+    run_train(*args, "--batch_size=8", out_dir=str(tmp_path / "one"), cache_dir=own_data_cache, base=[])
+    code, out = torchrun(*args, "--batch_size=4", f"--out_dir={tmp_path / 'ddp'}")
+    assert code == 0, out
+    assert "4 examples x 1 accumulation steps x 2 data-parallel ranks = 8 samples per iteration" in out, out
+    assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"))
+    evals = lambda d: [r for r in map(json.loads, open(d / "metrics.jsonl")) if "val_loss" in r]
+    for a, b in zip(evals(tmp_path / "ddp"), evals(tmp_path / "one"), strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a), (a, b)
+
+
+def test_train_defaults_of_a_model_file_are_its_defaults_and_still_overridable(monkeypatch, capsys):
+    monkeypatch.setattr(jepa, "TRAIN_DEFAULTS", {"batch_size": 48, "max_iters": 7})
+    cfg = train.configure(["--model=jepa", "--max_iters=9"])[0]
+    assert (cfg.batch_size, cfg.max_iters, cfg.learning_rate) == (48, 9, train.TrainConfig.learning_rate)
+    code, out = run_main(capsys, "--model=jepa", "--help")
+    assert code == 0 and re.search(r"--batch_size\s+int\s+default 48", out), out
+    monkeypatch.setattr(jepa, "TRAIN_DEFAULTS", {"batch_sise": 48})
+    code, out = run_main(capsys, "--model=jepa")
+    assert code == 1 and "error: jepa.py's TRAIN_DEFAULTS sets batch_sise, which is not a train.py key" in out, out
+
+
+@pytest.mark.parametrize("model", [m for m in OWN_DATA_MODELS if not hasattr(train.load_model_module(m).Model, "tp_plan")])
+def test_own_data_model_without_a_plan_refuses_tp(model, tmp_path, own_data_cache):
+    code, out = torchrun(f"--model={model}", *OWN_DATA_TABLE[model]["run"], "--tp=2", "--max_iters=1",
+                         f"--out_dir={tmp_path}", f"--cache_dir={own_data_cache}", timeout=120)
+    assert code != 0 and len(re.findall(f"error: {model}.py has no tensor-parallel plan", out)) == 2, out
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+@pytest.mark.parametrize("key", train.TEXT_KEYS)
+def test_own_data_models_refuse_text_keys(model, key, capsys, tmp_path):
+    if key in config_keys(model):
+        pytest.skip(f"{model}'s Config has {key}: it means something there")
+    value = {"tokenizer": "gpt2", "sample_prompt": "hi", "temperature": "0.5"}.get(key, "64")
+    code, out = run_main(capsys, f"--model={model}", f"--{key}={value}", f"--out_dir={tmp_path}")
+    assert code == 1 and out.strip() == (f"error: {key} means nothing for {model}: it trains on its own data "
+                                         f"({model}.py's load_splits), not on tokenized text; drop --{key} (from the "
+                                         f"command line or config file)"), out
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+@pytest.mark.parametrize("model", OWN_DATA_MODELS)
+def test_own_data_checkpoint_exports_and_sample_and_bench_refuse(model, tmp_path, own_data_cache, capsys, monkeypatch):
+    run_own(model, "--max_iters=2", "--eval_interval=2", out_dir=tmp_path, cache_dir=own_data_cache)
+    code, out = run_main(capsys, f"--out_dir={tmp_path}", main=sample_main)
+    assert code == 1 and f"error: {model} does not generate text" in out, out
+    code, out = run_main(capsys, f"--out_dir={tmp_path}", f"--hf_dir={tmp_path / 'hf'}", main=export_main)
+    assert code == 0 and os.path.isfile(tmp_path / "hf" / "config.json"), out
+    with pytest.raises(SystemExit, match=f"error: bench.py times text models on random tokens; {model} brings its own"):
+        run_bench(monkeypatch, capsys, ["train", f"--model={model}"])
 
 
 # ------------------------------------------------------------------------------------- tensor parallel (gloo, 2 CPU processes)
@@ -2894,7 +3463,7 @@ def test_bad_tp_fails_fast_on_every_rank(tmp_path, args, message):
     assert len(re.findall("error: " + message, out)) == 2, out  # both ranks say it, neither hangs
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TEXT_MODELS)
 def test_tensor_parallel_logits_equal_one_process(model, tmp_path):
     module = train.load_model_module(model)
     overrides = {"block_size": 32} if "block_size" in config_keys(model) else {}
@@ -2917,7 +3486,7 @@ def test_tensor_parallel_logits_equal_one_process(model, tmp_path):
     torch.testing.assert_close(tp["loss"], loss, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model", [m for m in MODELS if MODEL_TABLE[m]["tp"] is not None])
+@pytest.mark.parametrize("model", [m for m in TEXT_MODELS if MODEL_TABLE[m]["tp"] is not None])
 def test_tensor_parallel_training_follows_one_process(model, tmp_path):
     """gpt2's, llama's and moe's plans split the residual stream and the norms along the sequence, moe's qk_norm
     gains see only a rank's heads, mla's latents are replicated: the gradients must still match one process."""

@@ -717,10 +717,11 @@ def train(argv):
     distributed.validate(model, layout)  # before any collective: a bad layout fails on every rank, none hangs
     cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gaia")
     if own_data:
-        train_split, val_split = load_own_splits(module, cfg.data, model.config, cache_dir)
+        model_config = model.config
+        train_split, val_split = load_own_splits(module, cfg.data, model_config, cache_dir)
 
         def make_batches(split, seed):
-            return module.Batches(split, model.config, cfg.batch_size, seed, layout.dp_rank, layout.dp)
+            return module.Batches(split, model_config, cfg.batch_size, seed, layout.dp_rank, layout.dp)
     else:
         train_split, val_split = load_splits(cfg.data, tokenizer, cache_dir, cfg.block_size)
 
@@ -843,7 +844,8 @@ def train(argv):
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             if after_step is not None:
-                after_step(iter_num + 1, cfg.max_iters)  # steps done, and of the whole run (e.g. an EMA's schedule)
+                # steps done, and the length of the run's schedule (the lr's): an EMA's momentum follows it too
+                after_step(iter_num + 1, cfg.lr_decay_iters or cfg.max_iters)
             loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs with the device
             iter_num += 1
             t1 = perf_counter()
