@@ -2480,14 +2480,15 @@ def vlm_split(rows, config):
 
 def test_vlm_loss_counts_the_answer_and_eos_only():
     """Batches' targets are -1 except at the positions that predict an answer byte or the <eos> after it (worked out
-    here from the raw strings), and the model's loss is the cross-entropy over those positions alone."""
+    here from the raw strings), and the model's loss is the mean over the examples of each example's mean
+    cross-entropy over those positions alone (every example weighs the same, whatever its answer's length)."""
     model = tiny_vlm()
     rows = [("what colour is it?", "red"), ("how many?", "3"), ("describe the image.", "blue circle, red cross")]
     split = vlm_split(rows, model.config)
     (images, ids), targets = vlm.Batches(split, model.config, 6, seed=0).next()
     logits, loss = model((images, ids), targets)
     by_image = {tuple(split.image(i).flatten()[:8].tolist()): i for i in range(len(rows))}
-    picked, total, count = set(), 0.0, 0
+    picked, example_means = set(), []
     for b in range(len(ids)):
         question, answer = rows[by_image[tuple(images[b].flatten()[:8].tolist())]]
         picked.add(question)
@@ -2498,12 +2499,15 @@ def test_vlm_loss_counts_the_answer_and_eos_only():
             expected[len(prompt) - 1 + k] = token  # position t predicts the token at t + 1
         assert torch.equal(ids[b, :len(prompt) + len(answer_ids) - 1], torch.tensor(prompt + answer_ids[:-1]))
         assert torch.equal(targets[b], expected), (question, targets[b], expected)
+        total, count = 0.0, 0
         for t in range(ids.shape[1]):
             if expected[t] >= 0:
                 total -= torch.log_softmax(logits[b, t].double(), -1)[expected[t]]
                 count += 1
+        example_means.append(total / count)
     assert len(picked) > 1
-    torch.testing.assert_close(loss.double(), total / count, atol=1e-6, rtol=0)
+    assert len({len(a) for q, a in rows if q in picked}) > 1  # answers of several lengths: a token mean would differ
+    torch.testing.assert_close(loss.double(), sum(example_means) / len(example_means), atol=1e-6, rtol=0)
 
 
 def test_vlm_cached_generation_equals_the_full_forward():

@@ -19,7 +19,9 @@ decoder reads them in place of an <image> placeholder in the prompt and writes t
 
 A sequence: the prompt "<image>" + question + "\\n", where "<image>" is expanded to n_image_tokens <image> ids
 (the image tokens take their places one for one, as in nanoVLM and LLaVA-1.5 in transformers, so ids, logits and
-targets keep one length), then the answer and <eos>. Only the answer and <eos> are predicted (targets -1 elsewhere).
+targets keep one length), then the answer and <eos>. Only the answer and <eos> are predicted (targets -1 elsewhere);
+the loss is the mean over the examples of each one's mean over those tokens, so every example weighs the same and
+data-parallel ranks (whose answer-token counts differ) average to the loss of one process on the whole batch.
 
 Data (the train.py contract of "models that bring their own data", README): built-in, generated with numpy, no
 download: 32 x 32 images of one to four shapes (circle, square, triangle, cross) in five colours, sizes and
@@ -456,7 +458,8 @@ class Model(nn.Module):
     def forward(self, inputs, targets=None, cache=None):
         """inputs: (images (B, 3, H, W), ids (B, T)) with n_image_tokens <image> ids per row (Tokenizer.encode
         expands "<image>"), or ids alone (text; then <image> ids are ordinary embeddings). targets (B, T): -1 except
-        where the next token is an answer token or <eos>. Returns logits (B, T, vocab_size) and the mean loss."""
+        where the next token is an answer token or <eos>. Returns logits (B, T, vocab_size) and the loss: the mean
+        over the examples of each one's mean cross-entropy over its answer tokens and <eos> (each weighs the same)."""
         images, idx = split_inputs(inputs)
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -481,7 +484,18 @@ class Model(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        # The loss is a mean over examples of each example's mean cross-entropy over its answer tokens and <eos>: every
+        # example weighs the same, whatever its answer's length (a caption does not outweigh a "yes"). A mean over all
+        # answer tokens of the batch would not split over data-parallel ranks: their token counts differ, so the mean
+        # of per-rank token means is not the global one. The mean of equal-size per-rank example means is, so 2 ranks
+        # of 8 train exactly as 1 process of 16. Rows with no target (none in training: each ends in <eos>) are left
+        # out of the mean.
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1,
+                                    reduction="none").view(B, T)  # 0 where the target is -1
+        counts = (targets != -1).sum(1)  # (B,) answer tokens + <eos> of each example
+        has = counts > 0
+        per_example = per_token.sum(1)[has] / counts[has]
+        loss = per_example.mean() if bool(has.any()) else per_token.sum() * 0.0
         return logits, loss
 
     def num_params(self, part=None):
