@@ -3411,9 +3411,25 @@ def test_own_data_models_refuse_text_keys(model, key, capsys, tmp_path):
 
 @pytest.mark.parametrize("model", OWN_DATA_MODELS)
 def test_own_data_checkpoint_exports_and_sample_and_bench_refuse(model, tmp_path, own_data_cache, capsys, monkeypatch):
+    """The checkpoint exports; bench.py refuses; sample.py refuses a model without generate (jepa), and asks one with
+    generate (vlm) about an image: without --image it fails in one line naming the fix, with it it prints an answer."""
     run_own(model, "--max_iters=2", "--eval_interval=2", out_dir=tmp_path, cache_dir=own_data_cache)
     code, out = run_main(capsys, f"--out_dir={tmp_path}", main=sample_main)
-    assert code == 1 and f"error: {model} does not generate text" in out, out
+    if not callable(getattr(train.load_model_module(model).Model, "generate", None)):
+        assert code == 1 and f"error: {model} does not generate text" in out, out
+    else:
+        assert code == 1 and out.strip() == (f"error: {model} answers questions about an image: pass --image=PATH (an "
+                                             f"image file) and --prompt=QUESTION"), out
+        from PIL import Image
+        Image.fromarray(np.full((20, 24, 3), (220, 40, 40), dtype=np.uint8)).save(tmp_path / "red.png")
+        code, out = run_main(capsys, f"--out_dir={tmp_path}", f"--image={tmp_path / 'red.png'}",
+                             "--prompt=what colour is the circle?", "--max_new_tokens=4", "--num_samples=2",
+                             main=sample_main)
+        answers = out.split("---------------\n")
+        assert code == 0 and len(answers) == 3 and answers[-1] == "", out  # two answers, each ended by the rule
+        assert all(len(a) <= 4 * 4 + 1 for a in answers), out  # at most 4 new tokens each (of <= 4 UTF-8 bytes)
+        code, out = run_main(capsys, f"--out_dir={tmp_path}", f"--image={tmp_path / 'missing.png'}", main=sample_main)
+        assert code == 1 and out.strip().startswith("error: --image=") and "\n" not in out.strip(), out
     code, out = run_main(capsys, f"--out_dir={tmp_path}", f"--hf_dir={tmp_path / 'hf'}", main=export_main)
     assert code == 0 and os.path.isfile(tmp_path / "hf" / "config.json"), out
     with pytest.raises(SystemExit, match=f"error: bench.py times text models on random tokens; {model} brings its own"):
