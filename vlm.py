@@ -893,10 +893,17 @@ def evaluate(model, train, val):
     per kind, and on the questions about colour-shape pairs never seen in training."""
     picks = list(eval_indices(val))
     examples = [val.examples[i] for i in picks]
-    # decoding stops at <eos>, or after the longest true answer and its <eos>: an answer cut there has no <eos> in
-    # time and is wrong, as it would be uncut, so the cap changes no score, only the time an untrained model takes
-    longest = max(len(val.encode(i)[0]) - val.encode(i)[1] for i in picks)
-    got = answer(model, torch.stack([val.image(i) for i in picks]), [e["question"] for e in examples], longest)
+    # decoding stops at <eos>, or after the longest true answer of the question's kind and its <eos>: an answer cut
+    # there has no <eos> in time and is wrong, as it would be uncut, so the cap changes no score, only the time an
+    # untrained model takes (a one-word question does not decode as long as a caption)
+    got = [None] * len(picks)
+    for kind in dict.fromkeys(e["kind"] for e in examples):
+        rows = [r for r, e in enumerate(examples) if e["kind"] == kind]
+        longest = max(len(ids) - n_prompt for ids, n_prompt in (val.encode(picks[r]) for r in rows))
+        answers = answer(model, torch.stack([val.image(picks[r]) for r in rows]),
+                         [examples[r]["question"] for r in rows], longest)
+        for r, a in zip(rows, answers):
+            got[r] = a
     right = [g.strip() == e["answer"].strip() for g, e in zip(got, examples)]
     scores = {"answer_acc": sum(right) / len(right)}
     kinds = dict.fromkeys(e["kind"] for e in examples)  # in order of appearance
@@ -914,7 +921,10 @@ def draw(model, val, path, n=16):
     from PIL import Image, ImageDraw
     picks = list(eval_indices(val))[:n]
     images = torch.stack([val.image(i) for i in picks])
-    got = answer(model, images, [val.examples[i]["question"] for i in picks])
+    # decoding stops at <eos> or past what the cell shows (21 characters) and the longest true answer (+ <eos>):
+    # an answer cut there shows the same text and is as wrong as uncut
+    longest = max(len(ids) - n_prompt for ids, n_prompt in (val.encode(i) for i in picks))
+    got = answer(model, images, [val.examples[i]["question"] for i in picks], max(longest, 22))
     cell, text_h, cols = 176, 52, min(4, len(picks))  # 176 px: 28 characters of PIL's default font per line
     rows = (len(picks) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (cell + 8), rows * (cell + text_h)), "white")
