@@ -42,6 +42,7 @@ by side: 18.9 and 18.3 min wall for 3000 iterations; about 10 min alone), `pytho
 vs 0.183; exists 0.700 vs 0.450; count 0.583 vs 0.583; position 0.267 vs 0.267; caption 0.033 vs 0.000; unseen pairs
 0.307 vs 0.240. The image is used for colour and existence; counting and positions are not learned in this budget.
 """
+import functools
 import json
 import math
 import os
@@ -756,6 +757,7 @@ def make_question(rng, scene, kind, allow_held_out):
     return "describe the image.", caption, [(o[1], o[0]) for o in scene]
 
 
+@functools.lru_cache(maxsize=4096)  # an example is read for its text, its ids and its image: made once, never changed
 def builtin_example(name, i):
     """Example i of a built-in split, made from its own generator, seeded (split seed, i): any example can be made
     alone, in any order, the same every time. Kinds take turns (so any 5k examples hold k of each); in val every
