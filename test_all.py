@@ -2634,16 +2634,16 @@ def test_vlm_trains_on_a_jsonl_file_and_answers_an_image_file(tmp_path, monkeypa
 
 def test_vlm_short_run_lowers_the_loss_and_resumes_bit_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(vlm, "EVAL_EXAMPLES", 10)
-    common = [*VLM_RUN, "--lr_decay_iters=30", "--eval_interval=15", "--dropout=0.1"]
-    whole = run_vlm_train(*common, "--max_iters=30", out_dir=str(tmp_path / "a"))
+    common = [*VLM_RUN, "--lr_decay_iters=20", "--eval_interval=10", "--dropout=0.1"]
+    whole = run_vlm_train(*common, "--max_iters=20", out_dir=str(tmp_path / "a"))
     evals = [r for r in whole if "val_loss" in r]
     assert abs(evals[0]["val_loss"] - math.log(258)) < 0.15, evals[0]  # near uniform over the 258 ids at init
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0, evals
     assert {"answer_acc", "answer_acc_caption", "answer_acc_unseen"} <= set(evals[-1])
-    run_vlm_train(*common, "--max_iters=15", out_dir=str(tmp_path / "b"))
-    resumed = run_vlm_train("--init_from=resume", "--max_iters=30", out_dir=str(tmp_path / "b"))
+    run_vlm_train(*common, "--max_iters=10", out_dir=str(tmp_path / "b"))
+    resumed = run_vlm_train("--init_from=resume", "--max_iters=20", out_dir=str(tmp_path / "b"))
     losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
-    assert len(losses(whole)) == 30 and losses(resumed) == losses(whole)
+    assert len(losses(whole)) == 20 and losses(resumed) == losses(whole)
     assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in evals]
 
 
