@@ -32,6 +32,7 @@ import mamba  # noqa: E402
 import mla  # noqa: E402
 import moe  # noqa: E402
 import train  # noqa: E402
+import vlm  # noqa: E402
 from export import main as export_main  # noqa: E402
 from sample import main as sample_main  # noqa: E402
 
@@ -2320,6 +2321,356 @@ def test_mla_benchmarks_run(monkeypatch, capsys):
     assert "absorbed/expanded" in out and "70,272" in out  # DeepSeek-V3's shapes in bf16
 
 
+# ------------------------------------------------------------------------------------- vlm.py
+# Tests of vlm.py. The references are independent of its code: transformers' SiglipVisionModel and LlamaForCausalLM
+# holding the same weights (norm gains and biases randomized), the image tokens placed by a loop written here, the
+# pixel shuffle as an index loop, cross-entropy written out over the answer bytes, the cache-free full forward for
+# cached decoding, the jsonl rows' line numbers, and train.py's own runs for the loss and resume.
+
+VLM_TINY = dict(image_size=16, patch_size=4, vision_n_layer=2, vision_n_head=2, vision_n_embd=32, pixel_shuffle=2,
+                n_layer=2, n_head=4, n_kv_head=2, n_embd=64)  # 4 x 4 patches -> 4 image tokens
+VLM_RUN = ["--model=vlm", "--image_size=16", "--vision_n_layer=1", "--vision_n_embd=32", "--vision_n_head=2",
+           "--n_layer=2", "--n_embd=64", "--batch_size=8", "--eval_iters=2", "--log_interval=1",
+           "--learning_rate=3e-3", "--warmup_iters=2"]
+
+
+def run_vlm_train(*args, out_dir):
+    """train.py in this process with vlm's keys (run_train's text keys mean nothing to it); its metrics.jsonl rows."""
+    train.train([*args, f"--out_dir={out_dir}"])
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def tiny_vlm(**overrides):
+    torch.manual_seed(0)
+    return randomize_constant_params(vlm.Model(vlm.Config(**{**VLM_TINY, **overrides})))
+
+
+def pixel_shuffle_loop(x, s):
+    """out[b, i * (g/s) + j, (di * s + dj) * D + d] = x[b, (i*s + di) * g + j*s + dj, d], one element at a time."""
+    B, N, D = x.shape
+    g = math.isqrt(N)
+    out = torch.empty(B, N // s ** 2, D * s ** 2)
+    for b in range(B):
+        for i in range(g // s):
+            for j in range(g // s):
+                for di in range(s):
+                    for dj in range(s):
+                        for d in range(D):
+                            out[b, i * (g // s) + j, (di * s + dj) * D + d] = x[b, (i * s + di) * g + j * s + dj, d]
+    return out
+
+
+@pytest.mark.parametrize("s", [1, 2, 4])
+def test_vlm_pixel_shuffle_matches_an_index_loop(s):
+    x = torch.randn(2, 64, 3)  # an 8 x 8 grid of 3-wide patches
+    assert torch.equal(vlm.pixel_shuffle(x, s), pixel_shuffle_loop(x, s))
+
+
+def tiny_siglip(use_head=False):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=16, patch_size=4, layer_norm_eps=1e-5, vision_use_head=use_head)
+    return randomize_constant_params(SiglipVisionModel(config).float().eval())
+
+
+@pytest.mark.parametrize("use_head, shards", [(False, None), (True, "20KB")], ids=["plain", "pooling-head-sharded"])
+def test_vlm_vision_encoder_matches_siglip(tmp_path, use_head, shards):
+    """SiglipVisionModel -> VisionEncoder.from_pretrained: last_hidden_state within 1e-4 (fp32); save_pretrained ->
+    transformers again. A pooling head (vision_use_head) is SigLIP's, not ours: it is left out."""
+    from transformers import SiglipVisionModel
+    hf = tiny_siglip(use_head)
+    hf.save_pretrained(tmp_path / "hf", **({"max_shard_size": shards} if shards else {}))
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == bool(shards)
+    encoder = vlm.VisionEncoder.from_pretrained(str(tmp_path / "hf")).eval()
+    c = encoder.config
+    assert (c.image_size, c.patch_size, c.vision_n_embd, c.vision_n_layer, c.vision_n_head, c.vision_norm_eps) == \
+        (16, 4, 32, 2, 4, 1e-5)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = hf(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(encoder(images), ref, atol=1e-4, rtol=0)
+        encoder.save_pretrained(str(tmp_path / "back"))
+        back = SiglipVisionModel.from_pretrained(tmp_path / "back").float().eval()
+        torch.testing.assert_close(back(pixel_values=images).last_hidden_state, ref, atol=1e-4, rtol=0)
+
+
+def tiny_hf_llama_for_vlm(tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-5,
+                         tie_word_embeddings=tie, rope_parameters=dict(rope_type="default", rope_theta=1234.0),
+                         initializer_range=0.1)
+    return randomize_constant_params(LlamaForCausalLM(config).float().eval())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_vlm_matches_siglip_and_llama_with_the_image_in_place(tmp_path, tie):
+    """A VLM from a SigLIP directory and a Llama directory (Model.from_parts): on text its logits are Llama's; with an
+    image they are Llama's run on inputs_embeds whose <image> positions hold the projected SigLIP output, placed by a
+    loop here. save_parts writes both halves back for transformers."""
+    from transformers import LlamaForCausalLM, SiglipVisionModel
+    siglip, llama_hf = tiny_siglip(), tiny_hf_llama_for_vlm(tie)
+    siglip.save_pretrained(tmp_path / "siglip")
+    llama_hf.save_pretrained(tmp_path / "llama", max_shard_size="20KB")
+    model = vlm.Model.from_parts(vision=str(tmp_path / "siglip"), decoder=str(tmp_path / "llama")).eval()
+    c = model.config
+    assert (c.n_embd, c.n_kv_head, c.block_size, c.rope_theta, c.tie_word_embeddings, c.n_image_tokens) == \
+        (64, 2, 96, 1234.0, tie, 4)
+    with torch.no_grad():
+        model.projector.proj.weight.normal_(0, 0.3)  # random: from_parts starts the projector afresh
+        idx = torch.randint(0, 256, (2, 24))
+        ref = llama_hf(idx).logits
+        torch.testing.assert_close(model(idx)[0], ref, atol=1e-4, rtol=0)
+        images = torch.randn(2, 3, 16, 16)
+        ids = torch.tensor([[5, 6] + [256] * 4 + [7, 8, 9], [10] + [256] * 4 + [11, 12, 13, 14]])
+        patches = siglip(pixel_values=images).last_hidden_state
+        image_tokens = pixel_shuffle_loop(patches, 2) @ model.projector.proj.weight.T
+        embeds = llama_hf.model.embed_tokens(ids).clone()
+        for b in range(2):
+            slots = [t for t in range(ids.shape[1]) if ids[b, t] == 256]
+            for k, t in enumerate(slots):
+                embeds[b, t] = image_tokens[b, k]
+        torch.testing.assert_close(model((images, ids))[0], llama_hf(inputs_embeds=embeds).logits, atol=1e-4, rtol=0)
+        model.save_parts(str(tmp_path / "v"), str(tmp_path / "d"))
+        torch.testing.assert_close(LlamaForCausalLM.from_pretrained(tmp_path / "d").float()(idx).logits, ref,
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(SiglipVisionModel.from_pretrained(tmp_path / "v").float()(pixel_values=images)
+                                   .last_hidden_state, siglip(pixel_values=images).last_hidden_state, atol=1e-4, rtol=0)
+        # Model.from_pretrained of a Llama directory: the same decoder, a random vision encoder
+        torch.testing.assert_close(vlm.Model.from_pretrained(str(tmp_path / "d"))(idx)[0], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_vlm_save_pretrained_round_trip(tmp_path, tie):
+    """gaia's own layout for the whole model: the same logits back, also from shards listed in an index; a directory
+    without weights says so."""
+    from safetensors.torch import load_file, save_file
+    model = tiny_vlm(tie_word_embeddings=tie).eval()
+    model.save_pretrained(str(tmp_path / "a"))
+    images, ids = torch.randn(2, 3, 16, 16), torch.tensor([[256] * 4 + [1, 2, 3]] * 2)
+    with torch.no_grad():
+        ref, _ = model((images, ids))
+        loaded = vlm.Model.from_pretrained(str(tmp_path / "a"))
+        torch.testing.assert_close(loaded((images, ids))[0], ref, atol=0, rtol=0)
+        tensors = load_file(tmp_path / "a" / "model.safetensors")  # re-saved as two shards and an index
+        os.remove(tmp_path / "a" / "model.safetensors")
+        names = sorted(tensors)
+        weight_map = {k: f"model-0000{1 + (k in names[::2])}-of-00002.safetensors" for k in names}
+        for shard in set(weight_map.values()):
+            save_file({k: tensors[k] for k in names if weight_map[k] == shard}, tmp_path / "a" / shard)
+        (tmp_path / "a" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        sharded = vlm.Model.from_pretrained(str(tmp_path / "a"))
+        torch.testing.assert_close(sharded((images, ids))[0], ref, atol=0, rtol=0)
+        assert (sharded.lm_head.weight is sharded.transformer.wte.weight) == tie
+    os.remove(tmp_path / "a" / "model.safetensors.index.json")
+    with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
+        vlm.Model.from_pretrained(str(tmp_path / "a"))
+
+
+def vlm_split(rows, config):
+    """A Split of (question, answer) rows with random images."""
+    size = config.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (len(rows), size, size, 3), dtype=np.uint8)
+    examples = [dict(question=q, answer=a, kind="qa", unseen=False) for q, a in rows]
+    return vlm.Split(examples, config, pixels)
+
+
+def test_vlm_loss_counts_the_answer_and_eos_only():
+    """Batches' targets are -1 except at the positions that predict an answer byte or the <eos> after it (worked out
+    here from the raw strings), and the model's loss is the mean over the examples of each example's mean
+    cross-entropy over those positions alone (every example weighs the same, whatever its answer's length)."""
+    model = tiny_vlm()
+    rows = [("what colour is it?", "red"), ("how many?", "3"), ("describe the image.", "blue circle, red cross")]
+    split = vlm_split(rows, model.config)
+    (images, ids), targets = vlm.Batches(split, model.config, 6, seed=0).next()
+    logits, loss = model((images, ids), targets)
+    by_image = {tuple(split.image(i).flatten()[:8].tolist()): i for i in range(len(rows))}
+    picked, example_means = set(), []
+    for b in range(len(ids)):
+        question, answer = rows[by_image[tuple(images[b].flatten()[:8].tolist())]]
+        picked.add(question)
+        prompt = [256] * 4 + list(question.encode()) + [ord("\n")]  # <image> x 4 image tokens, then the question
+        answer_ids = list(answer.encode()) + [257]  # then the answer and <eos>
+        expected = torch.full((ids.shape[1],), -1)
+        for k, token in enumerate(answer_ids):
+            expected[len(prompt) - 1 + k] = token  # position t predicts the token at t + 1
+        assert torch.equal(ids[b, :len(prompt) + len(answer_ids) - 1], torch.tensor(prompt + answer_ids[:-1]))
+        assert torch.equal(targets[b], expected), (question, targets[b], expected)
+        total, count = 0.0, 0
+        for t in range(ids.shape[1]):
+            if expected[t] >= 0:
+                total -= torch.log_softmax(logits[b, t].double(), -1)[expected[t]]
+                count += 1
+        example_means.append(total / count)
+    assert len(picked) > 1
+    assert len({len(a) for q, a in rows if q in picked}) > 1  # answers of several lengths: a token mean would differ
+    torch.testing.assert_close(loss.double(), sum(example_means) / len(example_means), atol=1e-6, rtol=0)
+
+
+def test_vlm_cached_generation_equals_the_full_forward():
+    """Greedy decoding with the image in the KV cache's prefix picks the tokens, and sees the logits, of a full forward
+    over (image, prompt + answer); answer() batched by prompt length equals each question alone."""
+    model = tiny_vlm().eval()
+    tok = model.tokenizer
+    images = torch.randn(2, 3, 16, 16)
+    prompt = torch.tensor([tok.encode(vlm.prompt_text("what colour is the cross?"))] * 2)
+    P = prompt.shape[1]
+    out, step_logits = model.generate((images, prompt), 30, temperature=0, return_logits=True)
+    with torch.no_grad():
+        full, _ = model((images, out[:, :-1]))
+    reference = full[:, P - 1:]
+    torch.testing.assert_close(step_logits, reference, atol=1e-5, rtol=0)
+    drawable = reference.clone()
+    drawable[..., tok.image_id] = float("-inf")  # generate never draws <image>
+    assert torch.equal(out[:, P:], drawable.argmax(-1))
+    assert not torch.equal(out[0, P:], out[1, P:])  # two images, two answers: the image reaches the decoder
+    check_cached_decode(model, 256)  # text alone decodes as llama.py does
+    questions = ["how many circles?", "what colour is the square?", "how many crosses?", "describe the image."]
+    many = torch.randn(4, 3, 16, 16)
+    together = vlm.answer(model, many, questions, max_new_tokens=12)
+    assert together == [vlm.answer(model, many[i:i + 1], [q], max_new_tokens=12)[0] for i, q in enumerate(questions)]
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model.generate((images, prompt), model.config.block_size, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def vlm_builtin():
+    return vlm.load_splits("", vlm.Config(), None)
+
+
+def test_vlm_builtin_data_is_fixed_and_holds_pairs_out(vlm_builtin):
+    """The built-in splits are the same at every load (seeds of their own, not train.py's); no training image or text
+    holds a HELD_OUT colour-shape pair; half the held-out questions are about them; each kind takes its turn."""
+    train_split, val_split = vlm_builtin
+    some = [*range(3000), *range(len(train_split) - 1000, len(train_split))]  # the start and the end of a million
+    first_train, first_val = [train_split.examples[i] for i in some], list(val_split.examples)
+    vlm.builtin_example.cache_clear()  # made again, not read back from builtin_example's cache
+    torch.manual_seed(123)
+    np.random.seed(123)
+    again = vlm.load_splits("", vlm.Config(), None)
+    assert [again[0].examples[i] for i in some] == first_train
+    assert list(again[1].examples) == first_val
+    assert torch.equal(again[1].image(7), val_split.image(7))
+    held_out_text = [f"{colour} {shape}" for colour, shape in vlm.HELD_OUT]
+    for e in (train_split.examples[i] for i in some):
+        assert not any((colour, shape) in vlm.HELD_OUT for shape, colour, *_ in e["scene"]), e
+        assert not any(t in e["question"] or t in e["answer"] for t in held_out_text), e
+        assert not e["unseen"]
+    evaluated = [val_split.examples[i] for i in vlm.eval_indices(val_split)]
+    assert sum(e["unseen"] for e in evaluated) == len(evaluated) // 2
+    for e in evaluated:  # an unseen question names or shows a held-out pair
+        pairs = {(colour, shape) for shape, colour, *_ in e["scene"]}
+        assert not e["unseen"] or pairs & vlm.HELD_OUT or any(t in e["question"] for t in held_out_text)
+    assert [e["kind"] for e in evaluated[:10]] == list(vlm.KINDS) * 2
+    for e in evaluated:  # the answer to a colour question is a colour the image shows
+        if e["kind"] == "colour":
+            pixels = (val_split.image(evaluated.index(e)).permute(1, 2, 0) + 1) * 127.5
+            target = torch.tensor(vlm.COLOURS[e["answer"]], dtype=torch.float)
+            assert ((pixels - target).abs().max(-1).values < 1).any(), e
+
+
+def test_vlm_batches_slice_the_global_batch_and_seek(vlm_builtin):
+    train_split = vlm_builtin[0]
+    config = vlm.Config()
+    (images, ids), targets = vlm.Batches(train_split, config, 8, seed=3).next()
+    for rank in range(2):
+        (im, x), y = vlm.Batches(train_split, config, 4, seed=3, rank=rank, world=2).next()
+        assert torch.equal(im, images[4 * rank:4 * rank + 4]) and torch.equal(x, ids[4 * rank:4 * rank + 4])
+        assert torch.equal(y, targets[4 * rank:4 * rank + 4])
+    batches = vlm.Batches(train_split, config, 8, seed=3)
+    first = batches.next()
+    batches.next()
+    batches.seek(batches.position)
+    again = batches.next()
+    batches.seek(vlm.Batches(train_split, config, 8, seed=3).position)
+    assert torch.equal(batches.next()[1], first[1]) and not torch.equal(again[1], first[1])
+
+
+def write_jsonl(tmp_path, bad=None):
+    """Four good rows (and a bad one as line 3); returns the file's path."""
+    from PIL import Image
+    for i, colour in enumerate(("red", "green", "blue", "white")):
+        Image.new("RGB", (20, 12), colour).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [json.dumps({"image": f"{i}.png", "question": "what colour is it?", "answer": colour})
+            for i, colour in enumerate(("red", "green", "blue", "white"))]
+    if bad is not None:
+        rows.insert(2, bad)
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"image": "0.png", "question": "what?"', "is not JSON"),
+    ('{"image": "0.png", "question": "what?"}', 'lacks "answer"'),
+    ('{"image": "nowhere.png", "question": "what?", "answer": "red"}', "image 'nowhere.png' does not exist"),
+    ('{"image": "broken.png", "question": "what?", "answer": "red"}', "image 'broken.png' cannot be read"),
+], ids=["not-json", "missing-key", "missing-image", "unreadable-image"])
+def test_vlm_a_bad_row_is_one_line_naming_it(tmp_path, capsys, bad, message):
+    path = write_jsonl(tmp_path, bad)
+    with pytest.raises(ValueError, match=f"qa.jsonl line 3.*{message}"):
+        vlm.load_splits(path, vlm.Config(), None)
+    code, out = run_main(capsys, *VLM_RUN, f"--data={path}", f"--out_dir={tmp_path / 'out'}")
+    assert code == 1 and out.count("\n") == 1 and out.startswith("error: ") and "line 3" in out, out
+
+
+def test_vlm_trains_on_a_jsonl_file_and_answers_an_image_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(vlm, "EVAL_EXAMPLES", 4)
+    path = write_jsonl(tmp_path)
+    rows = run_vlm_train(*VLM_RUN, f"--data={path}", "--max_iters=2", "--eval_interval=2",
+                         out_dir=str(tmp_path / "out"))
+    assert "answer_acc_qa" in rows[-1] and 0 <= rows[-1]["answer_acc"] <= 1
+    from PIL import Image
+    assert Image.open(tmp_path / "out" / "picture.png").size == (184, 228)  # the one held-out row: a 1 x 1 grid
+    # the trained checkpoint answers a question about an image file (what sample.py --image=PATH prints)
+    ckpt = train.load_checkpoint(str(tmp_path / "out"))
+    model = train.model_from_checkpoint(ckpt, vlm, str(tmp_path / "out")).eval()
+    assert isinstance(vlm.answer_image(model, str(tmp_path / "0.png"), "what colour is it?", max_new_tokens=4), str)
+
+
+def test_vlm_short_run_lowers_the_loss_and_resumes_bit_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(vlm, "EVAL_EXAMPLES", 10)
+    common = [*VLM_RUN, "--lr_decay_iters=20", "--eval_interval=10", "--dropout=0.1"]
+    whole = run_vlm_train(*common, "--max_iters=20", out_dir=str(tmp_path / "a"))
+    evals = [r for r in whole if "val_loss" in r]
+    assert abs(evals[0]["val_loss"] - math.log(258)) < 0.15, evals[0]  # near uniform over the 258 ids at init
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0, evals
+    assert {"answer_acc", "answer_acc_caption", "answer_acc_unseen"} <= set(evals[-1])
+    run_vlm_train(*common, "--max_iters=10", out_dir=str(tmp_path / "b"))
+    resumed = run_vlm_train("--init_from=resume", "--max_iters=20", out_dir=str(tmp_path / "b"))
+    losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    assert len(losses(whole)) == 20 and losses(resumed) == losses(whole)
+    assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in evals]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(image_size=30), "image_size=30 is not a multiple of patch_size=4"),
+    (dict(pixel_shuffle=3), "does not split into squares of pixel_shuffle=3"),
+    (dict(vision_n_embd=30), "vision_n_embd=30 is not divisible by vision_n_head=4"),
+    (dict(n_kv_head=3), "n_kv_head=3 does not divide n_head=4"),
+    (dict(n_embd=100), "n_embd=100 is not a multiple of 2 \\* n_head=8"),
+    (dict(tokenizer="bpe"), "tokenizer='bpe' is not one of byte, gpt2"),
+    (dict(vocab_size=200), "vocab_size=200 is smaller than the byte tokenizer's 258"),
+    (dict(block_size=16), "block_size=16 leaves no room for text after the 16 image tokens"),
+    (dict(dropout=1.0), "dropout=1.0 must be in"),
+    (dict(vision_n_layer=0), "vision_n_layer=0 must be >= 1"),
+])
+def test_vlm_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        vlm.Config(**overrides)
+
+
+def test_vlm_config_derives_the_vocabulary_from_the_tokenizer():
+    assert vlm.Config().vocab_size == 258 and vlm.Config(tokenizer="gpt2").vocab_size == 50259
+    config = vlm.Config(image_size=64, patch_size=8, pixel_shuffle=4)
+    assert (config.n_patches, config.n_image_tokens) == (64, 4)
+    assert vlm.Config(**dataclasses.asdict(config)) == config
+
+
 # ------------------------------------------------------------------------------------- jepa.py
 # Tests of jepa.py (I-JEPA). References independent of gaia's code: transformers' IJepaModel holding the same
 # weights, the masks' definition counted patch by patch, the EMA and loss formulas written out, a probe on
@@ -2804,6 +3155,7 @@ JEPA_TINY_RUN = ["--img_size=16", "--patch_size=2", "--n_embd=32", "--n_layer=2"
                  "--warmup_iters=2", "--learning_rate=1e-3"]
 OWN_DATA_TABLE = {
     "jepa": dict(build=tiny_jepa, run=JEPA_TINY_RUN),
+    "vlm": dict(build=tiny_vlm, run=VLM_RUN[1:]),
 }
 OWN_DATA_MODELS = sorted(OWN_DATA_TABLE)
 EVERY_MODEL = {**MODEL_TABLE, **OWN_DATA_TABLE}
@@ -3061,9 +3413,25 @@ def test_own_data_models_refuse_text_keys(model, key, capsys, tmp_path):
 
 @pytest.mark.parametrize("model", OWN_DATA_MODELS)
 def test_own_data_checkpoint_exports_and_sample_and_bench_refuse(model, tmp_path, own_data_cache, capsys, monkeypatch):
+    """The checkpoint exports; bench.py refuses; sample.py refuses a model without generate (jepa), and asks one with
+    generate (vlm) about an image: without --image it fails in one line naming the fix, with it it prints an answer."""
     run_own(model, "--max_iters=2", "--eval_interval=2", out_dir=tmp_path, cache_dir=own_data_cache)
     code, out = run_main(capsys, f"--out_dir={tmp_path}", main=sample_main)
-    assert code == 1 and f"error: {model} does not generate text" in out, out
+    if not callable(getattr(train.load_model_module(model).Model, "generate", None)):
+        assert code == 1 and f"error: {model} does not generate text" in out, out
+    else:
+        assert code == 1 and out.strip() == (f"error: {model} answers questions about an image: pass --image=PATH (an "
+                                             f"image file) and --prompt=QUESTION"), out
+        from PIL import Image
+        Image.fromarray(np.full((20, 24, 3), (220, 40, 40), dtype=np.uint8)).save(tmp_path / "red.png")
+        code, out = run_main(capsys, f"--out_dir={tmp_path}", f"--image={tmp_path / 'red.png'}",
+                             "--prompt=what colour is the circle?", "--max_new_tokens=4", "--num_samples=2",
+                             main=sample_main)
+        answers = out.split("---------------\n")
+        assert code == 0 and len(answers) == 3 and answers[-1] == "", out  # two answers, each ended by the rule
+        assert all(len(a) <= 4 * 4 + 1 for a in answers), out  # at most 4 new tokens each (of <= 4 UTF-8 bytes)
+        code, out = run_main(capsys, f"--out_dir={tmp_path}", f"--image={tmp_path / 'missing.png'}", main=sample_main)
+        assert code == 1 and out.strip().startswith("error: --image=") and "\n" not in out.strip(), out
     code, out = run_main(capsys, f"--out_dir={tmp_path}", f"--hf_dir={tmp_path / 'hf'}", main=export_main)
     assert code == 0 and os.path.isfile(tmp_path / "hf" / "config.json"), out
     with pytest.raises(SystemExit, match=f"error: bench.py times text models on random tokens; {model} brings its own"):
