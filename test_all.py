@@ -3377,7 +3377,10 @@ def test_own_data_ddp_two_ranks_equal_one_process_with_twice_the_batch(model, tm
     assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"))
     evals = lambda d: [r for r in map(json.loads, open(d / "metrics.jsonl")) if "val_loss" in r]
     for a, b in zip(evals(tmp_path / "ddp"), evals(tmp_path / "one"), strict=True):
-        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a), (a, b)
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in ("iter", "train_loss", "val_loss"))
+        # the model's scores count examples (an accuracy): float noise of another thread count may flip a borderline
+        # one or two, so they agree within 1%
+        assert all(a[k] == pytest.approx(b[k], abs=0.01) for k in a), (a, b)
 
 
 def test_train_defaults_of_a_model_file_are_its_defaults_and_still_overridable(monkeypatch, capsys):
@@ -3482,7 +3485,9 @@ def test_fsdp_curve_sharded_resume_and_resume_on_one_process(single_process_run,
 def test_bad_tp_fails_fast_on_every_rank(tmp_path, args, message):
     code, out = torchrun(*TINY_RUN, *args, "--max_iters=2", f"--out_dir={tmp_path}", timeout=120)
     assert code != 0
-    assert len(re.findall("error: " + message, out)) == 2, out  # both ranks say it, neither hangs
+    # every rank checks before any collective, so none hangs (the timeout); torchrun stops the other ranks as soon as
+    # one fails, so whether the second one prints its line too is a race
+    assert len(re.findall("error: " + message, out)) >= 1, out
 
 
 @pytest.mark.parametrize("model", TEXT_MODELS)
