@@ -36,12 +36,11 @@ questions, per kind; --blind=True trains the same model on blank images, the bas
     python train.py --model=vlm --blind=True     # the baseline: the same run on blank images
     python train.py --model=vlm --data=qa.jsonl  # your images and questions
 
-Measured (2026-12-01, 2-core AMD EPYC box shared with other jobs, torch 2.13 CPU, OMP_NUM_THREADS=1, the two runs side
-by side: 18.9 and 18.3 min wall for 3000 iterations; about 10 min alone), `python train.py --model=vlm` against
-`--blind=True`, exact match on the 300 held-out questions after 3000 iterations: overall 0.413 vs 0.297; colour 0.483
-vs 0.183; exists 0.700 vs 0.450; count 0.583 vs 0.583; position 0.267 vs 0.267; caption 0.033 vs 0.000; unseen pairs
-0.307 vs 0.240. The image is used for colour and existence; counting and positions are not learned in this budget.
-(Measured with the loss then a mean over the batch's answer tokens, before it became the mean over examples.)
+Measured (2026-12-02, 2-core AMD EPYC, torch 2.13 CPU, OMP_NUM_THREADS=1, the two runs side by side: 557 and 556 s
+wall for 3000 iterations), `python train.py --model=vlm` against `--blind=True`, exact match on the 300 held-out
+questions: overall 0.337 vs 0.290; colour 0.250 vs 0.117; exists 0.533 vs 0.450; count 0.583 vs 0.583; position
+0.300 vs 0.300; caption 0.017 vs 0.000; unseen pairs 0.253 vs 0.233. The image is used for colour and existence;
+counting and positions are not learned in this budget.
 """
 import functools
 import json
