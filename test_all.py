@@ -2334,13 +2334,6 @@ VLM_RUN = ["--model=vlm", "--image_size=16", "--vision_n_layer=1", "--vision_n_e
            "--learning_rate=3e-3", "--warmup_iters=2"]
 
 
-def run_vlm_train(*args, out_dir):
-    """train.py in this process with vlm's keys (run_train's text keys mean nothing to it); its metrics.jsonl rows."""
-    train.train([*args, f"--out_dir={out_dir}"])
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def tiny_vlm(**overrides):
     torch.manual_seed(0)
     return randomize_constant_params(vlm.Model(vlm.Config(**{**VLM_TINY, **overrides})))
@@ -2621,8 +2614,8 @@ def test_vlm_a_bad_row_is_one_line_naming_it(tmp_path, capsys, bad, message):
 def test_vlm_trains_on_a_jsonl_file_and_answers_an_image_file(tmp_path, monkeypatch):
     monkeypatch.setattr(vlm, "EVAL_EXAMPLES", 4)
     path = write_jsonl(tmp_path)
-    rows = run_vlm_train(*VLM_RUN, f"--data={path}", "--max_iters=2", "--eval_interval=2",
-                         out_dir=str(tmp_path / "out"))
+    rows = run_train(*VLM_RUN, f"--data={path}", "--max_iters=2", "--eval_interval=2",
+                         out_dir=str(tmp_path / "out"), base=[])
     assert "answer_acc_qa" in rows[-1] and 0 <= rows[-1]["answer_acc"] <= 1
     from PIL import Image
     assert Image.open(tmp_path / "out" / "picture.png").size == (184, 228)  # the one held-out row: a 1 x 1 grid
@@ -2635,13 +2628,13 @@ def test_vlm_trains_on_a_jsonl_file_and_answers_an_image_file(tmp_path, monkeypa
 def test_vlm_short_run_lowers_the_loss_and_resumes_bit_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(vlm, "EVAL_EXAMPLES", 10)
     common = [*VLM_RUN, "--lr_decay_iters=20", "--eval_interval=10", "--dropout=0.1"]
-    whole = run_vlm_train(*common, "--max_iters=20", out_dir=str(tmp_path / "a"))
+    whole = run_train(*common, "--max_iters=20", out_dir=str(tmp_path / "a"), base=[])
     evals = [r for r in whole if "val_loss" in r]
     assert abs(evals[0]["val_loss"] - math.log(258)) < 0.15, evals[0]  # near uniform over the 258 ids at init
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0, evals
     assert {"answer_acc", "answer_acc_caption", "answer_acc_unseen"} <= set(evals[-1])
-    run_vlm_train(*common, "--max_iters=10", out_dir=str(tmp_path / "b"))
-    resumed = run_vlm_train("--init_from=resume", "--max_iters=20", out_dir=str(tmp_path / "b"))
+    run_train(*common, "--max_iters=10", out_dir=str(tmp_path / "b"), base=[])
+    resumed = run_train("--init_from=resume", "--max_iters=20", out_dir=str(tmp_path / "b"), base=[])
     losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
     assert len(losses(whole)) == 20 and losses(resumed) == losses(whole)
     assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in evals]
