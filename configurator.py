@@ -91,15 +91,14 @@ def convert(key, value, tp, source):
     if bool in allowed and value in (0, 1) and not isinstance(value, float):
         return bool(value)
     for t in allowed:
-        if typing.get_origin(t) is tuple and isinstance(value, (tuple, list)):  # e.g. tuple[float, float]
+        if typing.get_origin(t) is tuple:  # e.g. tuple[float, float]: each item checked against its own type
             items = typing.get_args(t)
-            if len(items) == len(value) or (len(items) == 2 and items[1] is Ellipsis):
+            if isinstance(value, (tuple, list)) and len(value) == len(items):
                 try:
-                    return tuple(convert(key, v, tp, source) for v, tp in zip(value, items if items[-1] is not Ellipsis
-                                                                               else [items[0]] * len(value)))
+                    return tuple(convert(key, v, item, source) for v, item in zip(value, items))
                 except ConfigError:
-                    break
-        elif t is not type(None) and typing.get_origin(t) is None and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+                    pass
+        elif t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
             return value
     raise ConfigError(f"{key}={raw!r} (from {source}) is not a valid {type_name(tp)}; "
                       f"expected e.g. --{key}={example(tp)}")
@@ -107,7 +106,7 @@ def convert(key, value, tp, source):
 
 def example(tp):
     if typing.get_origin(tp) is tuple:
-        return "(" + ",".join(example(t) for t in typing.get_args(tp) if t is not Ellipsis) + ")"
+        return "(" + ",".join(example(t) for t in typing.get_args(tp)) + ")"
     allowed = [t for t in (typing.get_args(tp) or (tp,)) if t is not type(None)]
     return {bool: "True", int: "8", float: "3e-4", str: "text"}.get(allowed[0] if allowed else str, "VALUE")
 

@@ -3376,6 +3376,15 @@ def test_own_data_ddp_two_ranks_equal_one_process_with_twice_the_batch(model, tm
         assert all(a[k] == pytest.approx(b[k], abs=0.01) for k in a), (a, b)
 
 
+def test_pair_keys_parse_from_the_command_line_and_bad_pairs_are_one_line():
+    model_cfg = train.configure(["--model=jepa", "--target_scale=(0.2,0.3)", "--target_aspect=(1,2)"])[2]
+    assert (model_cfg.target_scale, model_cfg.target_aspect) == ((0.2, 0.3), (1.0, 2.0))
+    for bad in ("(0.1,0.2,0.3)", "0.2", "(a,0.2)"):
+        with pytest.raises(configurator.ConfigError, match=r"target_scale=.* is not a valid tuple\[float, float\]; "
+                                                           r"expected e.g. --target_scale=\(3e-4,3e-4\)"):
+            train.configure(["--model=jepa", f"--target_scale={bad}"])
+
+
 def test_train_defaults_of_a_model_file_are_its_defaults_and_still_overridable(monkeypatch, capsys):
     monkeypatch.setattr(jepa, "TRAIN_DEFAULTS", {"batch_size": 48, "max_iters": 7})
     cfg = train.configure(["--model=jepa", "--max_iters=9"])[0]
