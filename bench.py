@@ -8,6 +8,7 @@ Benchmarks: numbers come from here, never from timed tests. Each prints the comm
     python bench.py cpu-anchor --anchor=PATH/nanogpt_cpu_bench.sh --data=tinyshakespeare.txt   # vs nanoGPT, same shapes
     python bench.py moe | mamba | mla | gelu [--help]        # a model's own benchmark (benchmarks/*.py), e.g.
                                                              # one layer against transformers' with the same weights
+    python bench.py kernels [--ops=rms_norm,attention ...]   # kernels.py's ops: eager vs torch.compile vs Triton
     python bench.py ... --help                               # the options of a benchmark
 
 Model keys (--n_layer=12, --n_kv_head=2, ...) are the model's Config fields, checked like train.py's.
@@ -24,6 +25,7 @@ import torch
 
 import configurator
 import distributed
+import kernels
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +66,7 @@ def time_training(model, params, args, device, dtype):
         sync(device)
         t0 = time.perf_counter()
         with autocast:
-            _, loss = step_model(x, y)
+            _, loss = step_model(x, y, **train.loss_only(type(model)))
         loss.backward()
         distributed.clip_grad_norm(list(model.parameters()), 1.0)
         optimizer.step()
@@ -85,6 +87,7 @@ def bench_train(args, extra):
         device = f"cuda:{layout.local_rank}"
         torch.cuda.set_device(device)
     dtype = train.pick_dtype(args.dtype, device)
+    kernels.set_backend(args.kernels)
     if device == "cpu":
         train.keep_freed_memory()  # as train.py does
     torch.manual_seed(0)
@@ -211,7 +214,8 @@ def bench_cpu_anchor(args, extra):
     print(f"gaia / nanoGPT tokens/s: {nano / gaia:.2f}x (ratio of medians), {paired:.2f}x (median of per-round ratios)")
 
 
-MODEL_BENCHMARKS = {"moe": "moe_layer.py", "mamba": "mamba_layer.py", "mla": "mla_cache.py", "gelu": "gelu_cpu.py"}
+MODEL_BENCHMARKS = {"moe": "moe_layer.py", "mamba": "mamba_layer.py", "mla": "mla_cache.py", "gelu": "gelu_cpu.py",
+                    "kernels": "kernel_ops.py"}
 
 
 def main():
@@ -233,6 +237,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--kernels", default="auto", choices=kernels.BACKENDS, help="kernels.py's path (train.py's key)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (under torchrun)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (under torchrun)")
     p.set_defaults(fn=bench_train)

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+import kernels
+
 
 @dataclass
 class Config:
@@ -49,6 +51,19 @@ class Config:
         return self.n_embd // self.n_head
 
 
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the channels (Ba et al. 2016); bias optional."""
+
+    def __init__(self, dim, eps, bias):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -68,8 +83,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if cache is None:  # softmax(q k^T / sqrt(head_dim) + causal mask) v: flash attention on GPUs (kernels.py)
+            y = kernels.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
             k, v, mask = cache.update(layer, k, v)  # k, v: (B, n_head, pos + T, head_dim), the whole prefix
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -85,16 +100,16 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        h = gelu_tanh(self.c_fc(x))  # 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))); fast paths below the speed fence
+        h = kernels.gelu_tanh(self.c_fc(x))  # 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), fused in kernels.py
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, config.norm_eps, config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, config.norm_eps, config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None, layer=0):
@@ -142,7 +157,7 @@ class Model(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
+            ln_f=LayerNorm(config.n_embd, config.norm_eps, config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
@@ -168,7 +183,7 @@ class Model(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, need_logits=True):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -181,10 +196,14 @@ class Model(nn.Module):
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if targets is not None and not need_logits:  # the loss alone (training): the head and the loss fused
+            loss = kernels.linear_cross_entropy(x, self.lm_head, targets)  # chunk by chunk, no (B, T, vocab) logits
+            logits = None
+        else:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def make_cache(self, batch, max_len):
@@ -291,47 +310,6 @@ def fused_qkv(x, c_q, c_k, c_v):
     w = torch.cat([c_q.weight, c_k.weight, c_v.weight])  # (3C, C)
     b = torch.cat([c_q.bias, c_k.bias, c_v.bias]) if c_q.bias is not None else None
     return F.linear(x, w, b).split(c_q.out_features, dim=-1)
-
-
-def gelu_tanh(x):
-    """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). fp32 on the CPU: GELUTanhCPU below;
-    elsewhere (GPUs, bf16/fp16, torch.compile) gelu_tanh_fused."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-        return GELUTanhCPU.apply(x)
-    return gelu_tanh_fused(x)
-
-
-def gelu_tanh_fused(x):
-    """ATen's tanh GELU: one fused kernel on GPUs, what torch.compile fuses best, and float32 math inside for
-    bf16/fp16 inputs."""
-    return F.gelu(x, approximate="tanh")
-
-
-class GELUTanhCPU(torch.autograd.Function):
-    """GPT-2's GELU written with a sigmoid: since 0.5 (1 + tanh(z)) = sigmoid(2z), it is x * sigmoid(u) with
-    u = 2 sqrt(2/pi) (x + 0.044715 x^3). Same function (to float rounding), but on the CPU ATen's tanh costs
-    ~4x its sigmoid, which made F.gelu(tanh) ~2x slower than the erf GELU (benchmarks/gelu_cpu.py). The
-    derivative, written out: d/dx [x s(u)] = s + x s (1 - s) u'."""
-    A, C = 2 * math.sqrt(2 / math.pi), 0.044715
-
-    @staticmethod
-    def forward(ctx, x):
-        A, C = GELUTanhCPU.A, GELUTanhCPU.C
-        a = torch.tensor(A, dtype=x.dtype)
-        s = torch.addcmul(a, x, x, value=A * C).mul_(x).sigmoid_()  # s = sigmoid(x (A + A C x^2)), in place
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        A, C = GELUTanhCPU.A, GELUTanhCPU.C
-        x, s = ctx.saved_tensors
-        # u' = A (1 + 3 C x^2), capped at |x| = 20: beyond it s (1 - s) is 0 in float32 anyway, and a finite u'
-        # keeps that product 0 for huge x, never inf * 0 = nan
-        d = torch.addcmul(torch.tensor(A, dtype=x.dtype), x, x, value=3 * A * C).clamp_(max=A * (1 + 3 * C * 400))
-        torch.ops.aten.sigmoid_backward(d, s, grad_input=d)  # u' s (1 - s), one fused pass
-        return d.mul_(x).add_(s).mul_(grad)  # (s + x u' s (1 - s)) grad
 
 
 # === Hugging Face interop: not needed to understand the model ===

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 
 @dataclass
 class Config:
@@ -101,8 +103,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return kernels.rms_norm(x, self.weight, self.eps)  # weight * x / sqrt(mean(x^2) + eps), fp32 statistics
 
 
 def rope_frequencies(config, dim):
@@ -122,16 +123,10 @@ def rope_frequencies(config, dim):
     return torch.where(wavelen < old_len / high, inv_freq, scaled)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """x (B, T, n_head, dim) rotated by position: pairs (i, i + dim/2) turn by angle pos * inv_freq[i].
-    This is HF's layout; the RoPE paper and Meta's code pair adjacent dims (2i, 2i+1) instead, which is the same
-    model up to a permutation of the rows of q_proj and k_proj (the same for q and k, so every q.k is unchanged)."""
-    return x * cos + rotate_half(x) * sin
+# The rotation itself is kernels.rope(q, k, cos, sin): x cos + rotate_half(x) sin, pairs (i, i + dim/2) turning by
+# angle pos * inv_freq[i]. This is HF's layout; the RoPE paper and Meta's code pair adjacent dims (2i, 2i+1) instead,
+# which is the same model up to a permutation of the rows of q_proj and k_proj (the same for q and k, so every q.k is
+# unchanged).
 
 
 class Attention(nn.Module):
@@ -154,7 +149,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_head, head_dim)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_head, head_dim)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # float32 buffers; under autocast q and k are bf16
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = kernels.rope(q, k, cos, sin)  # pairs (i, i + head_dim/2) turn by angle pos * inv_freq[i]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         # Grouped-query attention: q has n_head heads, k and v n_kv_head, and each k/v head serves a group of
         # n_rep = n_head / n_kv_head consecutive query heads: query head h reads k/v head h // n_rep. With
@@ -162,8 +157,7 @@ class Attention(nn.Module):
         # enable_gqa makes SDPA do that grouping itself (the same as k.repeat_interleave(n_rep, dim=1), HF's
         # repeat_kv), so neither this code nor the cache ever holds the repeated k, v.
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            y = kernels.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
             k, v, mask = cache.update(layer, k, v)  # k, v: (B, n_kv_head, pos + T, head_dim), the whole prefix
             y = cached_attention(q, k, v, mask)  # SDPA with enable_gqa; one-token decoding faster below the speed fence
@@ -182,7 +176,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.dropout(self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x))))  # silu(gate) * up
 
 
 class Block(nn.Module):
@@ -267,7 +261,7 @@ class Model(nn.Module):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, need_logits=True):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -281,10 +275,14 @@ class Model(nn.Module):
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if targets is not None and not need_logits:  # the loss alone (training): the head and the loss fused
+            loss = kernels.linear_cross_entropy(x, self.lm_head, targets)  # chunk by chunk, no (B, T, vocab) logits
+            logits = None
+        else:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def num_params(self, non_embedding=True):

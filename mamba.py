@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+
+import kernels
 
 
 @dataclass
@@ -104,6 +105,18 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------- the building blocks
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, statistics in fp32 (Zhang & Sennrich 2019), as llama.py."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps)  # weight * x / sqrt(mean(x^2) + eps)
+
 
 class RMSNormGated(nn.Module):
     """Mamba-2's output norm: gate first, y * SiLU(z), then RMS-normalise each group of channels separately (a
@@ -222,7 +235,7 @@ class Mamba2Mixer(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
         self.mixer = (Mamba1Mixer if config.variant == "mamba1" else Mamba2Mixer)(config)
 
     def forward(self, x, cache=None, layer=0):
@@ -266,7 +279,7 @@ class Model(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -294,7 +307,7 @@ class Model(nn.Module):
             module.reset_parameters()
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)  # dt_proj's bias is set by its mixer, below
-        elif isinstance(module, (nn.RMSNorm, RMSNormGated)):
+        elif isinstance(module, (RMSNorm, RMSNormGated)):
             nn.init.ones_(module.weight)
         elif isinstance(module, (Mamba1Mixer, Mamba2Mixer)):
             if isinstance(module, Mamba1Mixer):
@@ -310,7 +323,7 @@ class Model(nn.Module):
             nn.init.ones_(module.D)
             module.out_proj.weight /= math.sqrt(c.n_layer)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, need_logits=True):
         if idx.dim() != 2 or idx.dtype != torch.long or idx.shape[1] == 0:
             raise ValueError(f"idx must be a non-empty (B, T) int64 tensor of token ids, got {tuple(idx.shape)} {idx.dtype}")
         B, T = idx.shape
@@ -320,10 +333,14 @@ class Model(nn.Module):
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if targets is not None and not need_logits:  # the loss alone (training): the head and the loss fused
+            loss = kernels.linear_cross_entropy(x, self.lm_head, targets)  # chunk by chunk, no (B, T, vocab) logits
+            logits = None
+        else:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def make_cache(self, batch, max_len):
@@ -397,48 +414,9 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
 
 # === speed: the same math, faster ===
 # ssm_sequential is a Python loop over time. Training runs the same recurrence in parallel over time: Mamba-1 by
-# a parallel scan with a hand-written backward, Mamba-2 by the chunked SSD algorithm. Both take ssm_sequential's
-# arguments (ssd also the chunk size) and return its (y, last h); test_all.py checks values and gradients against it.
-
-def scan_(a, b):
-    """Every h_t = a_t h_{t-1} + b_t (along dim 1, h_{-1} = 0) in log2(T) vectorised rounds, in place: b becomes h.
-    Odd-even reduction: pairing steps 2i and 2i+1 gives the same recurrence, half as long, over the odd steps,
-        h_{2i+1} = (a_{2i+1} a_{2i}) h_{2i-1} + (a_{2i+1} b_{2i} + b_{2i+1}),
-    and once it is solved each even step is one ordinary step from the odd step before it. O(T) work in all, and
-    it only ever multiplies decays in (0, 1]: no division and no logarithm, so it is exact and stable however
-    strongly Δ resets the state. a may have size-1 dims where b has more (broadcast)."""
-    T = b.shape[1]
-    if T == 1:
-        return
-    pairs = T // 2
-    a_even, a_odd, b_even, b_odd = a[:, 0::2], a[:, 1::2], b[:, 0::2], b[:, 1::2]
-    b_odd.addcmul_(a_odd, b_even[:, :pairs])                         # each pair as one step
-    scan_(a_odd * a_even[:, :pairs], b_odd)                          # b_odd = h at the odd steps
-    b_even[:, 1:].addcmul_(a_even[:, 1:], b_odd[:, :(T - 1) // 2])  # h_2i = a_2i h_2i-1 + b_2i
-
-
-class LinearRecurrence(torch.autograd.Function):
-    """h = scan of (a, b), with the backward written out: the gradient of a linear recurrence is the same recurrence
-    run backwards in time. The gradient reaching h_t, g_t = dL/dh_t + a_{t+1} g_{t+1}, gives dL/db_t = g_t and
-    dL/da_t = g_t h_{t-1}. Saves only a and h."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        h = b.clone()
-        scan_(a, h)
-        ctx.save_for_backward(a, h)
-        return h
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h):
-        a, h = ctx.saved_tensors
-        g = grad_h.flip(1)  # time reversed: g_t = a_{t+1} g_{t+1} + grad_t becomes an ordinary forward scan
-        scan_(torch.cat((torch.ones_like(a[:, :1]), a[:, 1:].flip(1)), dim=1), g)
-        g = g.flip(1)
-        grad_a = torch.cat((torch.zeros_like(h[:, :1]), g[:, 1:] * h[:, :-1]), dim=1)
-        return grad_a.sum_to_size(a.shape), g
-
+# kernels.linear_scan (h_t = a_t h_{t-1} + b_t: a parallel scan on the CPU, a fused Triton loop on GPUs), Mamba-2 by
+# the chunked SSD algorithm. Both take ssm_sequential's arguments (ssd also the chunk size) and return its
+# (y, last h); test_all.py checks values and gradients against it.
 
 def selective_scan(x, dt, A, B, C, D, h=None):
     """Mamba-1's training path: all T states at once with the parallel scan. Materialises Ā and B̄x,
@@ -451,7 +429,7 @@ def selective_scan(x, dt, A, B, C, D, h=None):
     Bx_bar = ((dt[..., None] * x).view(b, T, G, -1, 1) * B[:, :, :, None, :]).view(b, T, H, P, N)
     if h is not None:  # starting from a state h: h_0 = Ā_0 h + B̄_0 x_0, so fold Ā_0 h into the first input
         Bx_bar = torch.cat((Bx_bar[:, :1] + A_bar[:, :1] * h.float()[:, None], Bx_bar[:, 1:]), dim=1)
-    hs = LinearRecurrence.apply(A_bar, Bx_bar)                                                # (b, T, H, P, N)
+    hs = kernels.linear_scan(A_bar, Bx_bar)                                                # (b, T, H, P, N)
     y = (hs.view(b, T, G, -1, N) @ C[..., None]).view(b, T, H, P)                             # C_t h_t
     return (y + D.float()[:, None] * x).to(dtype), hs[:, -1]
 
@@ -496,7 +474,7 @@ def ssd(x, dt, A, B, C, D, chunk_size, h=None):
     chunk_decay = torch.exp(cum[:, :, -1])[..., None, None]  # (b, c, G, K, 1, 1)
     h0 = x.new_zeros(b, 1, G, K, P, N) if h is None else h.float().view(b, 1, G, K, P, N)
     states = torch.cat((states[:, :1] + chunk_decay[:, :1] * h0, states[:, 1:]), dim=1)
-    h_end = LinearRecurrence.apply(chunk_decay, states)     # (b, c, G, K, P, N): the state at each chunk's end
+    h_end = kernels.linear_scan(chunk_decay, states)     # (b, c, G, K, P, N): the state at each chunk's end
     h_start = torch.cat((h0, h_end[:, :-1]), dim=1)
     # 4. what the state entering a chunk adds at step t: C_t exp(cum_t) h_start
     y_prev = torch.einsum("bctgn,bcgkpn->bctgkp", C, h_start) * torch.exp(cum)[..., None]

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+import kernels
+
 
 @dataclass
 class Config:
@@ -126,8 +128,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)  # weight * x / sqrt(mean(x^2) + eps), fp32 statistics
 
 
 def rope_frequencies(config, dim):
@@ -166,15 +167,9 @@ def rope_attention_factor(config):
     return yarn_mscale(c.rope_factor)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """x (B, T, n_head, dim) rotated by position: pairs (i, i + dim/2) turn by angle pos * inv_freq[i].
-    DeepSeek's checkpoints pair (2i, 2i+1) instead: the interop fence permutes the rope rows of W_QR and W_KR."""
-    return x * cos + rotate_half(x) * sin
+# The rotation itself is kernels.rope(q, k, cos, sin): x cos + rotate_half(x) sin, pairs (i, i + dim/2) turning by
+# angle pos * inv_freq[i]. DeepSeek's checkpoints pair (2i, 2i+1) instead: the interop fence permutes the rope rows
+# of W_QR and W_KR.
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -226,9 +221,9 @@ class MultiHeadLatentAttention(nn.Module):
         dn, dr = self.nope_dim, self.rope_dim
         c_q = self.q_norm(self.w_dq(x)) if self.w_dq is not None else x  # (B, T, q_lora_rank)
         q_c = self.w_uq(c_q).view(B, T, -1, dn)                           # (B, T, H, d_h)
-        q_r = apply_rope(self.w_qr(c_q).view(B, T, -1, dr), cos, sin)     # (B, T, H, d_h^R)
         c_kv = self.kv_norm(self.w_dkv(x))                                # (B, T, d_c)
-        k_r = apply_rope(self.w_kr(x).view(B, T, 1, dr), cos, sin)        # (B, T, 1, d_h^R)
+        q_r, k_r = kernels.rope(self.w_qr(c_q).view(B, T, -1, dr),        # (B, T, H, d_h^R)
+                                self.w_kr(x).view(B, T, 1, dr), cos, sin)  # (B, T, 1, d_h^R)
         if isinstance(self.w_uk.weight, DTensor):  # tensor parallel (tp_plan): this rank holds some heads ...
             k_r = sum_grad_over_shards(k_r, self.w_uk.weight.device_mesh)  # ... and k_R serves them all
         return q_c, q_r, c_kv, k_r
@@ -242,8 +237,11 @@ class MultiHeadLatentAttention(nn.Module):
         v = self.w_uv(c_kv).view(B, S, -1, self.v_dim).transpose(1, 2)    # (B, H, S, d_v)
         q = torch.cat((q_c, q_r), dim=-1).transpose(1, 2)                 # (B, H, T, d_h + d_h^R)
         k = torch.cat((k_c, k_r.expand(-1, -1, k_c.shape[2], -1)), dim=-1).transpose(1, 2)  # (B, H, S, d_h + d_h^R)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0)
+        if mask is None:  # training: causal (flash attention on GPUs where d_v is the q/k width; kernels.py)
+            y = kernels.attention(q, k, v, causal=T > 1, dropout_p=self.dropout if self.training else 0.0,
+                                  scale=self.softmax_scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         y = y.transpose(1, 2).reshape(B, T, -1)                           # (B, T, H * d_v)
         return self.w_o(y)
 
@@ -284,7 +282,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
 
 
 class Router(nn.Module):
@@ -457,7 +455,7 @@ class Model(nn.Module):
             for p in module.parameters():
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, need_logits=True):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -471,10 +469,14 @@ class Model(nn.Module):
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(x)                                         # (B, T, vocab_size)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if targets is not None and not need_logits:  # the loss alone (training): the head and the loss fused
+            loss = kernels.linear_cross_entropy(x, self.lm_head, targets)  # chunk by chunk, no (B, T, vocab) logits
+            logits = None
+        else:
+            logits = self.lm_head(x)                                         # (B, T, vocab_size)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def make_cache(self, batch, max_len):

@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 
 @dataclass
 class Config:
@@ -105,9 +107,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # in fp32 whatever the activations' dtype, as transformers does, so bf16 runs match it
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)  # weight * x / sqrt(mean(x^2) + eps), fp32 statistics
 
 
 def rope_frequencies(config, dim):
@@ -115,14 +115,8 @@ def rope_frequencies(config, dim):
     return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """x (B, T, n_head, dim) rotated by position: pairs (i, i + dim/2) turn by angle pos * inv_freq[i]."""
-    return x * cos + rotate_half(x) * sin
+# The rotation itself is kernels.rope(q, k, cos, sin): x cos + rotate_half(x) sin, pairs (i, i + dim/2) turning by
+# angle pos * inv_freq[i].
 
 
 class CausalSelfAttention(nn.Module):
@@ -151,15 +145,14 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # cos, sin (T, head_dim) -> (T, 1, head_dim): every head alike; in q's dtype (bf16 under autocast)
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = kernels.rope(q, k, cos, sin)  # pairs (i, i + head_dim/2) turn by angle pos * inv_freq[i]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: (B, heads, T, head_dim)
-        mask = None
-        if cache is not None:
+        # GQA: query head h reads key/value head h // n_rep; kernels.attention and SDPA broadcast them, nothing copied
+        if cache is None:  # flash attention on GPUs (kernels.py)
+            y = kernels.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:
             k, v, mask = cache.update(layer, k, v)  # the whole prefix, still n_kv_head heads
-        # GQA: query head h reads key/value head h // n_rep; SDPA broadcasts them, nothing is copied
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_rep > 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_rep > 1)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * head_dim)
         return self.resid_dropout(self.o_proj(y))
 
@@ -201,7 +194,7 @@ class MoE(nn.Module):
         # a (N*k, C) one (CPU: 3-11% faster per layer with 8 wide experts, even with 64 narrow ones)
         gate = expert_matmul(xs, self.gate_proj, counts, self.use_grouped_mm)  # (N*k, I)
         up = expert_matmul(xs, self.up_proj, counts, self.use_grouped_mm)  # (N*k, I)
-        h = F.silu(gate) * up  # (N*k, I) each expert's SwiGLU
+        h = kernels.swiglu(gate, up)  # (N*k, I) each expert's SwiGLU, silu(gate) * up
         # each row is scaled by its routing weight; the down projection is linear, so do it on the narrower side
         scale = weights.flatten()[order].unsqueeze(1).to(h.dtype)  # (N*k, 1)
         narrow_hidden = h.shape[1] < C
@@ -309,7 +302,7 @@ class Model(nn.Module):
             for w in (module.gate_proj, module.up_proj, module.down_proj):
                 nn.init.normal_(w, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, need_logits=True):
         B, T = idx.shape
         c = self.config
         start = cache.pos if cache is not None else 0
@@ -331,10 +324,14 @@ class Model(nn.Module):
                              # how much busier the busiest expert is than a balanced one (1 = perfect), mean over layers
                              expert_imbalance=(load.amax(dim=1) * c.n_experts).mean(),
                              aux_loss=aux_loss.detach(), z_loss=z_loss.detach())
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if targets is not None and not need_logits:  # the loss alone (training): the head and the loss fused
+            loss = kernels.linear_cross_entropy(x, self.lm_head, targets)  # chunk by chunk, no (B, T, vocab) logits
+            logits = None
+        else:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss + c.aux_loss_coef * aux_loss + c.z_loss_coef * z_loss
 
     def metrics(self):

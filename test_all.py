@@ -27,6 +27,7 @@ import configurator  # noqa: E402  (the project's modules, from ROOT)
 import data  # noqa: E402
 import gpt2  # noqa: E402
 import jepa  # noqa: E402
+import kernels  # noqa: E402
 import llama  # noqa: E402
 import mamba  # noqa: E402
 import mla  # noqa: E402
@@ -300,7 +301,7 @@ def test_gpt2_flops_per_token_formula():
     assert m.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
 
 
-# ------------------------------------------------------------------ gpt2.py's speed fence against the plain math
+# ------------------------------------------------------------------ gpt2.py's GELU (kernels.gelu_tanh) against the formula
 
 def gelu_tanh_reference(x):
     """GPT-2's gelu_new, as written in the paper's code."""
@@ -313,12 +314,12 @@ GELU_POINTS = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, 30, -
 def test_gpt2_cpu_gelu_is_the_tanh_formula():
     """The CPU fp32 branch (GELUTanhCPU, x * sigmoid(u) with a hand-written backward): values and gradients."""
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(gpt2.GELUTanhCPU.apply, (x,))  # backward against finite differences
-    torch.testing.assert_close(gpt2.GELUTanhCPU.apply(x), gelu_tanh_reference(x), rtol=0, atol=1e-14)
+    assert torch.autograd.gradcheck(kernels.GELUTanhCPU.apply, (x,))  # backward against finite differences
+    torch.testing.assert_close(kernels.GELUTanhCPU.apply(x), gelu_tanh_reference(x), rtol=0, atol=1e-14)
     # float32, the path training takes, over the whole range: values and gradients against the formula's autograd
     x = torch.cat([GELU_POINTS, torch.tensor([1e30, -1e30])]).requires_grad_()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    y = gpt2.gelu_tanh(x)
+    y = kernels.gelu_tanh(x)
     (dx,) = torch.autograd.grad(y, x, g)
     x64 = x.detach().double().requires_grad_()
     y64 = gelu_tanh_reference(x64)
@@ -330,11 +331,11 @@ def test_gpt2_cpu_gelu_is_the_tanh_formula():
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -8)])
 def test_gpt2_gpu_gelu_is_the_tanh_formula(dtype, rtol):
-    """The branch GPUs, bf16/fp16 and torch.compile take (gelu_tanh_fused), called on the CPU: values within
+    """The branch GPUs, bf16/fp16 and torch.compile take (ATen's tanh GELU), called on the CPU: values within
     rounding (bf16: half a unit in the last place) of the formula in float64, gradients within one unit."""
     x = GELU_POINTS.to(dtype).requires_grad_()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    y = gpt2.gelu_tanh_fused(x)
+    y = F.gelu(x, approximate="tanh")
     (dx,) = torch.autograd.grad(y, x, g)
     x64 = x.detach().double().requires_grad_()
     y64 = gelu_tanh_reference(x64)
@@ -342,7 +343,7 @@ def test_gpt2_gpu_gelu_is_the_tanh_formula(dtype, rtol):
     torch.testing.assert_close(y.double(), y64, rtol=rtol, atol=1e-6)
     torch.testing.assert_close(dx.double(), dx64, rtol=2 * rtol, atol=1e-5)
     if dtype == torch.bfloat16:  # the dispatch sends bf16 here, also on the CPU
-        assert gpt2.gelu_tanh(x).grad_fn.name() == y.grad_fn.name()
+        assert kernels.gelu_tanh(x).grad_fn.name() == y.grad_fn.name()
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -620,6 +621,8 @@ def test_bad_data_gives_one_clear_line(tmp_path, capsys, content, message):
     (["--model=llama", "--n_head=4", "--n_kv_head=3"], "n_kv_head=3"),
     (["--tp=2"], "--tp=2 needs several processes: launch with torchrun"),
     (["--fsdp=True"], "--fsdp=True needs several processes: launch with torchrun"),
+    (["--kernels=cublas"], "kernels='cublas' is not one of auto, triton, torch, cuda"),
+    (["--kernels=triton", "--device=cpu"], "kernels=triton runs Triton kernels, which need a CUDA device.*--kernels=auto"),
 ])
 def test_bad_config_gives_one_clear_line(tmp_path, capsys, args, message):
     code, out = run_main(capsys, "--tokenizer=byte", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}", *args)
@@ -1382,11 +1385,11 @@ def test_mamba_linear_recurrence_matches_loop(T):
     a = torch.rand(2, T, 3, 1, generator=g, dtype=torch.float64).requires_grad_()
     b = torch.randn(2, T, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
     w = torch.randn(2, T, 3, 4, generator=g, dtype=torch.float64)
-    h, want = mamba.LinearRecurrence.apply(a, b), linear_recurrence_loop(a, b)
+    h, want = kernels.LinearRecurrence.apply(a, b), linear_recurrence_loop(a, b)
     torch.testing.assert_close(h, want, atol=1e-12, rtol=0)
     for got, ref in zip(torch.autograd.grad((h * w).sum(), (a, b)), torch.autograd.grad((want * w).sum(), (a, b))):
         torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
-    assert torch.autograd.gradcheck(mamba.LinearRecurrence.apply, (a, b))
+    assert torch.autograd.gradcheck(kernels.LinearRecurrence.apply, (a, b))
 
 
 @pytest.mark.parametrize("variant", ["mamba1", "mamba2"])
@@ -1865,14 +1868,14 @@ def test_moe_kv_cache_bytes(n_kv_head, dtype):
 
 
 def test_moe_rope_turns_pairs_by_position_times_frequency():
-    """apply_rope with the model's cos/sin buffers against complex multiplication written here: the pair
+    """kernels.rope with the model's cos/sin buffers against complex multiplication written here: the pair
     (x_i, x_{i + dim/2}) is the complex number x_i + i x_{i + dim/2}, turned by pos * theta^(-2i/dim).
     The buffers are not saved in the state_dict."""
     model = tiny_moe(head_dim=8, rope_theta=500.0)
     assert not any(k.endswith(("cos", "sin")) for k in model.state_dict())
     T, H, D = 10, 3, 8
     x = torch.randn(2, T, H, D, dtype=torch.float64)
-    got = moe.apply_rope(x, model.cos[:T, None].double(), model.sin[:T, None].double())
+    got, _ = kernels.rope_torch(x, x[:, :, :1], model.cos[:T, None].double(), model.sin[:T, None].double())
     angle = torch.tensor([[p * 500.0 ** (-2 * i / D) for i in range(D // 2)] for p in range(T)], dtype=torch.float64)
     z = torch.complex(x[..., :D // 2], x[..., D // 2:]) * torch.polar(torch.ones_like(angle), angle)[:, None]
     torch.testing.assert_close(got, torch.cat([z.real, z.imag], dim=-1), atol=1e-6, rtol=0)  # float32 buffers
@@ -3524,6 +3527,582 @@ def test_tensor_parallel_training_follows_one_process(model, tmp_path):
     code, out = torchrun(*TINY_RUN, *args, "--tp=2", f"--out_dir={tmp_path / 'tp'}", f"--cache_dir={tmp_path / 'c'}")
     assert code == 0, out
     assert_same_curve(curve(tmp_path / "tp"), curve(tmp_path / "one"))
+
+
+# ------------------------------------------------------------------------------------- kernels.py, op by op
+
+# ------------------------------------------------------------------ the torch paths against references
+
+def kernels_rope_tables(T, D, theta=10000.0):
+    """The models' cos and sin buffers, (T, 1, D) float32 in Hugging Face's layout (both halves equal)."""
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, D, 2) / D)  # (T, D/2)
+    return [torch.cat([f(angle)] * 2, -1)[:, None].float() for f in (torch.cos, torch.sin)]
+
+
+def test_kernels_rms_norm_torch_is_the_row_formula():
+    """rms_norm_torch against x / sqrt(x.x / C + eps) * w written row by row in float64: values and gradients
+    (it computes in fp32 whatever x's dtype, so no float64 gradcheck); output dtype promote(weight, x)."""
+    torch.manual_seed(0)
+    x, w, g = torch.randn(2, 3, 5, requires_grad=True), torch.randn(5, requires_grad=True), torch.randn(2, 3, 5)
+    y = kernels.rms_norm_torch(x, w, 1e-5)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    rms = torch.stack([row.dot(row).div(5).add(1e-5).sqrt() for row in x64.reshape(-1, 5)]).reshape(2, 3, 1)
+    want = x64 / rms * w64
+    torch.testing.assert_close(y, want.float())
+    for got, ref in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(want, (x64, w64), g.double())):
+        torch.testing.assert_close(got, ref.float())
+    assert kernels.rms_norm_torch(x.bfloat16(), w, 1e-5).dtype == torch.float32
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernels_layer_norm_torch_is_the_formula(bias):
+    """layer_norm_torch against (x - mean) / sqrt(biased var + eps) * w + b in float64; gradcheck."""
+    x, w, b = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 3, 7), (7,), (7,)))
+    b = b if bias else None
+    mean = x.sum(-1, keepdim=True) / 7
+    want = (x - mean) / (((x - mean) ** 2).sum(-1, keepdim=True) / 7 + 1e-5).sqrt() * w + (0 if b is None else b)
+    torch.testing.assert_close(kernels.layer_norm_torch(x, w, b, 1e-5), want)
+    assert torch.autograd.gradcheck(kernels.layer_norm_torch, (x, w, b, 1e-5))
+
+
+def test_kernels_rope_and_swiglu_torch_gradients():
+    """gradcheck (finite differences, float64) of rope_torch for q and for a k with fewer heads (its values:
+    test_moe_rope_turns_pairs_by_position_times_frequency) and of swiglu_torch, whose values are silu spelled out
+    as g / (1 + e^-g) times up."""
+    cos, sin = (t.double() for t in kernels_rope_tables(5, 8))
+    q, k = torch.randn(2, 5, 3, 8, dtype=torch.float64), torch.randn(2, 5, 1, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k: kernels.rope_torch(q, k, cos, sin),
+                                    (q.requires_grad_(), k.requires_grad_()))
+    gate, up = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    torch.testing.assert_close(kernels.swiglu_torch(gate, up), gate / (1 + torch.exp(-gate)) * up)
+    assert torch.autograd.gradcheck(kernels.swiglu_torch, (gate, up))
+
+
+def attention_reference(q, k, v, causal, scale=None):
+    """softmax(q k^T * scale + mask) v spelled out: k and v repeated per query head, the (T, S) scores held, the
+    causal mask top-left aligned (query i sees keys j <= i, as SDPA's is_causal)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+    scores = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)  # (B, H, T, S)
+    if causal:
+        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("Hk, T, S, scale", [(4, 9, 9, None), (2, 9, 9, 0.3), (1, 9, 9, None), (1, 5, 9, None),
+                                             (2, 9, 5, 0.3)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernels_attention_torch_is_softmax_spelled_out(Hk, T, S, scale, causal):
+    """attention_torch (SDPA with enable_gqa) against attention_reference in float64, 4 query heads on 4, 2 or 1
+    k/v heads, T != S, a given scale: output and the gradients of q, k and v."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, T, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, Hk, S, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    do = torch.randn(2, 4, T, 6, generator=g, dtype=torch.float64)
+    got, want = kernels.attention_torch(q, k, v, causal, scale=scale), attention_reference(q, k, v, causal, scale)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+LCE_C, LCE_V = 24, 37  # odd sizes: no power of two, no multiple of a block
+
+
+def lce_inputs(shape=(19,), dtype=torch.float32, seed=0, n_ignored=4):
+    """x (*shape, C), an LM head weight (V, C), and targets (*shape) with n_ignored of them -1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, LCE_C, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(LCE_V, LCE_C, generator=g) * 0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, LCE_V, shape, generator=g)
+    targets.view(-1)[torch.randperm(targets.numel(), generator=g)[:n_ignored]] = -1
+    return x, weight, targets
+
+
+def lce_reference(x, weight, targets, ignore_index=-1):
+    """The unfused loss: the whole logits, then F.cross_entropy."""
+    logits = F.linear(x, weight).float()
+    return F.cross_entropy(logits.view(-1, LCE_V), targets.reshape(-1), ignore_index=ignore_index)
+
+
+def lce_loss_and_grads(fn, x, weight, targets, **kw):
+    loss = fn(x, weight, targets, **kw)
+    return [loss, *torch.autograd.grad(loss, (x, weight))]
+
+
+def assert_all_close(got, want, **tol):
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("shape, chunk_size, ignore_index", [((19,), None, -1), ((19,), 1, -1), ((19,), 5, -1),
+                                                             ((19,), 64, -1), ((3, 7), 4, -100)])
+def test_kernels_linear_cross_entropy_torch_equals_cross_entropy(shape, chunk_size, ignore_index):
+    """linear_cross_entropy_torch against F.cross_entropy of the whole logits: loss and the gradients of x and
+    the weight, chunks of 1 row, 5 (not dividing 19), 64 (more than N), (B, T, C) inputs with ignore_index -100."""
+    x, weight, targets = lce_inputs(shape)
+    targets[targets == -1] = ignore_index
+    want = lce_loss_and_grads(lce_reference, x, weight, targets, ignore_index=ignore_index)
+    got = lce_loss_and_grads(kernels.linear_cross_entropy_torch, x, weight, targets, ignore_index=ignore_index,
+                             chunk_size=chunk_size)
+    assert_all_close(got, want, rtol=1e-5, atol=1e-6)
+    loss = 3 * kernels.linear_cross_entropy_torch(x, weight, targets, ignore_index, chunk_size)  # grad_output 3
+    assert_all_close(torch.autograd.grad(loss, (x, weight)), [3 * t for t in want[1:]], rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_linear_cross_entropy_torch_gradcheck_tied_and_low_precision():
+    """linear_cross_entropy_torch: gradcheck in float64; a tied embedding (the weight's grad sums both uses)
+    against F.cross_entropy; bf16/fp16 inputs, and fp32 weights under bf16 autocast, against F.cross_entropy
+    within bf16 rounding."""
+    x, weight, targets = lce_inputs((7,), torch.float64, n_ignored=2)
+    assert torch.autograd.gradcheck(lambda a, b: kernels.linear_cross_entropy_torch(a, b, targets, chunk_size=3),
+                                    (x, weight))
+    x, weight, targets = lce_inputs((2, 9))  # tied: the weight embeds the tokens and is the head
+    idx = targets.clamp(min=0).flip(1)
+    grads = [torch.autograd.grad(fn(torch.tanh(F.embedding(idx, weight) + x), weight, targets, **kw), weight)[0]
+             for fn, kw in ((lce_reference, {}), (kernels.linear_cross_entropy_torch, dict(chunk_size=4)))]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    for dtype, autocast in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True)):
+        x, weight, targets = lce_inputs(dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = lce_loss_and_grads(kernels.linear_cross_entropy_torch, x, weight, targets, chunk_size=5)
+            assert_all_close(got, lce_loss_and_grads(lce_reference, x, weight, targets), rtol=2e-2, atol=2e-3)
+
+
+def test_kernels_linear_cross_entropy_torch_edge_cases():
+    """linear_cross_entropy_torch: no counted token gives NaN and zero gradients, as F.cross_entropy; a tensor that
+    needs no gradient gets no gradient work (none stored), no_grad gives the plain loss and no graph; chunk sizes."""
+    x, weight, targets = lce_inputs(n_ignored=19)
+    got, want = (lce_loss_and_grads(f, x, weight, targets) for f in (kernels.linear_cross_entropy_torch, lce_reference))
+    assert got[0].isnan() and want[0].isnan()
+    assert_all_close(got[1:], want[1:], rtol=0, atol=0)
+    x, weight, targets = lce_inputs()
+    weight.requires_grad_(False)  # the stored gradients, saved_tensors, are (grad_x, grad_w)
+    assert kernels.linear_cross_entropy_torch(x, weight, targets, chunk_size=5).grad_fn.saved_tensors[1] is None
+    x.requires_grad_(False)
+    weight.requires_grad_(True)
+    assert kernels.linear_cross_entropy_torch(x, weight, targets, chunk_size=5).grad_fn.saved_tensors[0] is None
+    with torch.no_grad():
+        loss = kernels.linear_cross_entropy_torch(x, weight, targets, chunk_size=5)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, lce_reference(x, weight, targets))
+    assert kernels.lce_chunk_size(8192, 50257) == 320 and kernels.lce_chunk_size(10**6, 128256) == 128
+    assert kernels.lce_chunk_size(19, 37) == 19 and kernels.lce_chunk_size(10**6, 10**7) == 64
+    with pytest.raises(ValueError, match="chunk_size=0 must be >= 1"):
+        kernels.linear_cross_entropy_torch(x, weight, targets, chunk_size=0)
+
+
+# ------------------------------------------------------------------ which path runs
+
+@pytest.fixture
+def kernels_backend():
+    """kernels.set_backend, the backend before the test restored after it."""
+    previous = kernels.backend()
+    yield kernels.set_backend
+    kernels.set_backend(previous)
+
+
+def test_kernels_dispatch_follows_the_backend(kernels_backend, monkeypatch):
+    """set_backend refuses an unknown name, naming the choices. Under auto, torch and cuda the public ops give
+    their torch path's result on CPU tensors and never enter a Triton function (each replaced here by a trap);
+    under triton, CPU tensors outside Triton's interpreter are an error naming TRITON_INTERPRET."""
+    with pytest.raises(ValueError, match="'fast' is not one of auto, triton, torch, cuda"):
+        kernels_backend("fast")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    entered = []
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, 8, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g)
+    q, k, v = (torch.randn(2, h, 5, 8, generator=g) for h in (4, 2, 2))  # (B, H, T, D), GQA
+    cos, sin = kernels_rope_tables(5, 8)
+    head, targets = torch.nn.Linear(8, 11, bias=False), torch.randint(0, 11, (2, 5), generator=g)
+    ops = {"rms_norm": ((x, w, 1e-5),) * 2, "layer_norm": ((x, w, b, 1e-5),) * 2,
+           "rope": ((q.transpose(1, 2), k.transpose(1, 2), cos, sin),) * 2, "swiglu": ((x, q[:, 0]),) * 2,
+           "gelu_tanh": ((x,),) * 2, "attention": ((q, k, v, True, 0.0, 0.5),) * 2,
+           "linear_cross_entropy": ((x, head, targets), (x, head.weight, targets)),
+           "linear_scan": ((x.sigmoid(), x),) * 2}
+    for op in ops:
+        monkeypatch.setattr(kernels, f"{op}_triton", lambda *args, op=op: entered.append(op), raising=False)
+    for name in ("auto", "torch", "cuda"):
+        kernels_backend(name)
+        for op, (args, torch_args) in ops.items():
+            torch.testing.assert_close(getattr(kernels, op)(*args), getattr(kernels, f"{op}_torch")(*torch_args),
+                                       rtol=0, atol=0, msg=f"{name} {op}")
+    assert entered == []
+    if not kernels.HAS_TRITON:
+        with pytest.raises(ValueError, match="needs the triton package"):
+            kernels_backend("triton")
+        return
+    kernels_backend("triton")
+    for op, (args, _) in ops.items():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            getattr(kernels, op)(*args)
+
+
+def test_kernels_linear_cross_entropy_runs_a_hooked_head_as_the_module(kernels_backend):
+    """A head with a forward pre-hook (as a tensor-parallel plan or FSDP installs) runs as the module, so the hook
+    applies (here it doubles x); a plain head takes the chunked path (LinearCrossEntropy), equal to
+    F.cross_entropy of its logits."""
+    kernels_backend("auto")
+    x, weight, targets = lce_inputs((3, 5))
+    head = torch.nn.Linear(LCE_C, LCE_V, bias=False)
+    head.weight.data.copy_(weight.detach())
+    loss = kernels.linear_cross_entropy(x, head, targets)
+    assert loss.grad_fn.name() == "LinearCrossEntropyBackward"
+    torch.testing.assert_close(loss, lce_reference(x, head.weight, targets))
+    head.register_forward_pre_hook(lambda module, args: (2 * args[0],))
+    loss = kernels.linear_cross_entropy(x, head, targets)
+    assert loss.grad_fn.name() != "LinearCrossEntropyBackward"
+    torch.testing.assert_close(loss, lce_reference(2 * x, head.weight, targets))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_rms_norm_cuda_is_the_formula(kernels_backend):
+    """rms_norm_cuda (CUDA C++) against rms_norm_torch, fp32 (to 1e-5) and bf16, bf16 x with fp32 weight, fp16
+    (to their rounding), odd widths: values, dtype and the gradients of x and the weight; the cuda backend routes
+    rms_norm there."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for x_dtype, w_dtype, shape, tol in [(torch.float32, torch.float32, (5, 37, 768), 1e-5),
+                                         (torch.bfloat16, torch.bfloat16, (2, 131, 1000), 2e-2),
+                                         (torch.bfloat16, torch.float32, (3, 5000), 2e-2),
+                                         (torch.float16, torch.float16, (7, 24), 1e-2)]:
+        x = torch.randn(*shape, device="cuda", generator=g).to(x_dtype).requires_grad_()
+        w = (1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=g)).to(w_dtype).requires_grad_()
+        dy = torch.randn(shape, device="cuda", generator=g).to(torch.promote_types(x_dtype, w_dtype))
+        got, want = kernels.rms_norm_cuda(x, w, 1e-5), kernels.rms_norm_torch(x, w, 1e-5)
+        assert_all_close([got, *torch.autograd.grad(got, (x, w), dy)],
+                         [want, *torch.autograd.grad(want, (x, w), dy)], rtol=tol, atol=tol)
+    kernels_backend("cuda")
+    assert kernels.rms_norm(x, w, 1e-5).grad_fn.name() == "RMSNormCUDABackward"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_kernels_rms_norm_cuda_without_a_gpu_names_kernels_auto():
+    """Without a CUDA GPU, rms_norm_cuda says so and what to use instead."""
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*--kernels=auto"):
+        kernels.rms_norm_cuda(torch.randn(2, 8), torch.ones(8), 1e-5)
+
+
+# ------------------------------------------------------------------ the Triton paths against the torch paths
+# Plain functions run by test_triton_kernels_equal_torch_paths in a subprocess, in Triton's interpreter (CPU
+# tensors), which TRITON_INTERPRET=1 selects only when set before triton is imported. Odd shapes, ragged blocks.
+
+KERNEL_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=1e-2),
+              torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
+
+
+def outputs_and_grads(f, inputs, grad_outputs=None, seed=1):
+    """f(*inputs)'s outputs, then the gradients of its float tensor inputs under grad_outputs (by default one
+    random upstream gradient per output, the same for every f)."""
+    inputs = [t.detach().clone().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t
+              for t in inputs]
+    outs = f(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    if grad_outputs is None:
+        g = torch.Generator().manual_seed(seed)
+        grad_outputs = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+    leaves = [t for t in inputs if torch.is_tensor(t) and t.requires_grad]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, leaves, grad_outputs))
+
+
+def assert_paths_agree(f_triton, f_torch, inputs, tol, grad_outputs=None, what=""):
+    """Outputs and every input gradient of the two paths: same dtypes and shapes, values within tol."""
+    got, want = (outputs_and_grads(f, inputs, grad_outputs) for f in (f_triton, f_torch))
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, i, a.dtype, b.dtype, a.shape, b.shape)
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{what} output/grad {i}: {m}")
+
+
+def under_backend(name, f):
+    """f called under kernels.set_backend(name) (the public ops' dispatch), the backend restored after."""
+    def call(*args):
+        previous = kernels.set_backend(name)
+        try:
+            return f(*args)
+        finally:
+            kernels.set_backend(previous)
+    return call
+
+
+def assert_public_op_takes_triton(op, function, *args, **constants):
+    """kernels.<op>(*args, **constants) builds the Triton autograd `function` under the triton backend (and not
+    under torch, nor auto on CPU tensors), and its output and the gradients of args equal the torch backend's."""
+    def public(backend):
+        return under_backend(backend, lambda *args: getattr(kernels, op)(*args, **constants))
+    for backend in ("triton", "torch", "auto"):
+        out = public(backend)(*(t.detach().requires_grad_() for t in args))
+        name = (out[0] if isinstance(out, tuple) else out).grad_fn.name()
+        assert (name == f"{function}Backward") == (backend == "triton"), (op, backend, name)
+    assert_paths_agree(public("triton"), public("torch"), args, KERNEL_TOL[torch.float32], what=op)
+
+
+def triton_check_rms_norm_and_layer_norm():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape, w_dtype, bias in (((3, 5, 37), dtype, True), ((7, 100), torch.float32, False)):
+            x, w = (3 * torch.randn(shape) + 1).to(dtype), 1 + torch.randn(shape[-1]) / 4
+            b = torch.randn(shape[-1]).to(dtype) if bias else None
+            assert_paths_agree(kernels.rms_norm_triton, kernels.rms_norm_torch, [x, w.to(w_dtype), 1e-6],
+                               KERNEL_TOL[dtype], what=f"rms_norm {shape} {dtype} weight {w_dtype}")
+            assert_paths_agree(kernels.layer_norm_triton, kernels.layer_norm_torch, [x, w.to(dtype), b, 1e-5],
+                               KERNEL_TOL[dtype], what=f"layer_norm {shape} {dtype} bias={bias}")
+    x, w, b = torch.randn(37, 6).t(), torch.randn(37), torch.randn(37)  # a non-contiguous x (6, 37)
+    assert_public_op_takes_triton("rms_norm", "RMSNormTriton", x, w, eps=1e-5)
+    assert_public_op_takes_triton("layer_norm", "LayerNormTriton", x, w, b, eps=1e-5)
+
+
+def triton_check_rope():
+    torch.manual_seed(0)
+    B, T, H = 2, 7, 3
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        cos, sin = kernels_rope_tables(T, 12)
+        q, k = torch.randn(B, T, H, 12).to(dtype), torch.randn(B, T, 1, 12).to(dtype)  # one k head (MQA)
+        assert_paths_agree(lambda q, k: kernels.rope_triton(q, k, cos, sin),
+                           lambda q, k: kernels.rope_torch(q, k, cos, sin), [q, k], KERNEL_TOL[dtype], what=dtype)
+        # q and k as non-contiguous views into one fused projection, 2 k heads (GQA), D/2 = 10 not a power of 2
+        cos, sin = kernels_rope_tables(T, 20)
+        qkv = torch.randn(B, T, (H + 2 * 2) * 20).to(dtype)
+        def views(rope):  # q and k: the first two parts of qkv, seen as (B, T, heads, 20)
+            return lambda qkv: rope(*[t.unflatten(-1, (-1, 20)) for t in qkv.split([H * 20, 40, 40], -1)[:2]], cos, sin)
+
+        assert_paths_agree(views(kernels.rope_triton), views(kernels.rope_torch), [qkv], KERNEL_TOL[dtype], what=dtype)
+    q, k = torch.randn(B, T, 20, 4).transpose(2, 3), torch.randn(B, T, 2, 20)  # q not contiguous
+    assert_public_op_takes_triton("rope", "RoPETriton", q, k, cos=cos, sin=sin)
+
+
+def triton_check_swiglu_and_gelu_tanh():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        g, u = (3 * torch.randn(3, 5, 37)).to(dtype), torch.randn(3, 5, 37).to(dtype)
+        assert_paths_agree(kernels.swiglu_triton, kernels.swiglu_torch, [g, u], KERNEL_TOL[dtype], what=dtype)
+        h = torch.randn(5, 2 * 211).to(dtype)  # gate and up as the two halves of one matmul's output: views
+        assert_paths_agree(lambda h: kernels.swiglu_triton(*h.chunk(2, -1)),
+                           lambda h: kernels.swiglu_torch(*h.chunk(2, -1)), [h], KERNEL_TOL[dtype], what=dtype)
+        assert_paths_agree(kernels.gelu_tanh_triton, kernels.gelu_tanh_torch, [g], KERNEL_TOL[dtype], what=dtype)
+    big = torch.tensor([-1e30, -1e4, -30.0, -10.0, 10.0, 30.0, 1e4, 1e30])  # finite gradients: no inf * 0
+    with np.errstate(over="ignore"):  # the interpreter's exp(-u) = inf, on purpose: sigmoid(u) = 0
+        assert_paths_agree(kernels.gelu_tanh_triton, kernels.gelu_tanh_torch, [big], KERNEL_TOL[torch.float32])
+        assert_public_op_takes_triton("gelu_tanh", "GELUTanhTriton", g.float().transpose(0, 2))
+    assert_public_op_takes_triton("swiglu", "SwiGLUTriton", g.float().transpose(0, 2), u.float().transpose(0, 2))
+
+
+def assert_flash_equals_torch(B, H, Hk, T, S, D, causal, dtype=torch.float32, blocks=(None, None), scale=None,
+                              tol=KERNEL_TOL[torch.float32]):
+    """FlashAttention (given tile sizes) against attention_torch; q, k, v and the upstream gradient as the models
+    pass them, (B, T, H, D) buffers seen as (B, H, T, D): not contiguous. fp16/bf16 against the torch path in fp32
+    on the same rounded inputs."""
+    g = torch.Generator().manual_seed(T * 1000 + D * 10 + Hk)
+    q, do = (torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    k, v = (torch.randn(B, S, Hk, D, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    sm_scale = 1 / math.sqrt(D) if scale is None else scale
+    assert_paths_agree(lambda q, k, v: kernels.FlashAttention.apply(q, k, v, causal, sm_scale, *blocks),
+                       lambda q, k, v: kernels.attention_torch(q.float(), k.float(), v.float(), causal,
+                                                               scale=scale).to(dtype),
+                       [q, k, v], tol, grad_outputs=[do], what=f"{B, H, Hk, T, S, D} causal={causal} {dtype}")
+
+
+def triton_check_attention_fp32():
+    for Hk in (4, 2, 1):  # H / Hk = 1, 2 and n_head
+        for causal in (True, False):
+            # 32 x 32 tiles: T = 37 is 2 query and 2 key blocks, the second ragged; causal skips one
+            assert_flash_equals_torch(2, 4, Hk, 37, 37, 12, causal, blocks=(32, 32))
+    assert_flash_equals_torch(1, 4, 2, 37, 37, 64, True)  # the GPU's 64 x 64 tiles, one ragged block
+    assert_flash_equals_torch(1, 4, 2, 37, 37, 64, True, blocks=(16, 32))  # BLOCK_M != BLOCK_N, either way
+    assert_flash_equals_torch(1, 2, 2, 37, 37, 40, True, blocks=(32, 16), scale=0.3)
+    for T, S in ((21, 37), (37, 21)):  # T != S: causal top-left aligned, as SDPA
+        for causal in (True, False):
+            assert_flash_equals_torch(1, 2, 1, T, S, 12, causal, blocks=(16, 16), scale=0.3)
+
+
+def triton_check_attention_half_precision_and_limits():
+    for D in (12, 64):  # fp16 dots, P and dS rounded to fp16, fp32 accumulation
+        for causal in (True, False):
+            assert_flash_equals_torch(1, 4, 2, 37, 37, D, causal, torch.float16, tol=dict(rtol=1e-2, atol=1e-2))
+    for causal in (True, False):
+        assert_flash_equals_torch(1, 4, 1, 37, 37, 40, causal, torch.bfloat16, tol=dict(rtol=3e-2, atol=3e-2))
+    assert_flash_equals_torch(1, 2, 1, 37, 37, 256, True)  # D = 256: 32 x 32 tiles
+    cfg = kernels._attn_config
+    assert cfg(64, torch.bfloat16)["BLOCK_M"] == 64 and cfg(12, torch.float32)["BLOCK_D"] == 16
+    assert cfg(256, torch.float16)["BLOCK_M"] == 32 and cfg(256, torch.float16)["BLOCK_D"] == 256
+    big = torch.randn(1, 2, 5, 264)
+    with pytest.raises(ValueError, match="D <= 256"):
+        kernels.attention_triton(big, big, big, True)
+    for args in ((big, big, big), (big[..., :8],) * 3 + (True, 0.1)):  # D > 256 or dropout: the torch path runs
+        assert under_backend("triton", kernels.attention)(*args).shape == args[0].shape
+    q, k, v = torch.randn(1, 4, 37, 12), torch.randn(1, 2, 37, 12), torch.randn(1, 2, 37, 12)  # contiguous
+    assert_public_op_takes_triton("attention", "FlashAttention", q, k, v, causal=False, scale=0.3)
+    grads = []  # a stride-0 upstream gradient (o.sum())
+    for f in (kernels.attention_triton, kernels.attention_torch):
+        qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+        grads.append(torch.autograd.grad(f(*qkv, True).sum(), qkv))
+    assert_all_close(*grads, **KERNEL_TOL[torch.float32])
+
+
+def triton_check_cross_entropy_rows():
+    logits = torch.randn(6, LCE_V, generator=torch.Generator().manual_seed(2)) * 4
+    targets, scale = torch.tensor([0, 36, -1, 17, 5, -1]), torch.tensor(0.25)
+    for need_grad in (True, False):  # block_v=16 over V=37: three blocks, the last ragged
+        got, want = logits.clone(), logits.clone()  # with need_grad, overwritten by the gradient
+        assert_all_close([kernels._cross_entropy_rows_triton(got, targets, -1, scale, need_grad, block_v=16),
+                          *[got] * need_grad],
+                         [kernels._cross_entropy_rows_torch(want, targets, -1, scale, need_grad), *[want] * need_grad],
+                         rtol=1e-5, atol=1e-6)
+
+
+def triton_check_linear_cross_entropy():
+    for dtype, tol in ((torch.float32, dict(rtol=1e-5, atol=1e-6)), (torch.float16, dict(rtol=1e-2, atol=2e-3)),
+                       (torch.bfloat16, dict(rtol=2e-2, atol=2e-3))):
+        x, weight, targets = lce_inputs(dtype=dtype)
+        assert_all_close(*(lce_loss_and_grads(fn, x, weight, targets, chunk_size=5)
+                           for fn in (kernels.linear_cross_entropy_triton, kernels.linear_cross_entropy_torch)), **tol)
+    x, weight, targets = lce_inputs((2, 9), n_ignored=0)  # the default chunk, (B, T, C), every token counted
+    assert_all_close(*(lce_loss_and_grads(fn, x, weight, targets)
+                       for fn in (kernels.linear_cross_entropy_triton, lce_reference)), rtol=1e-5, atol=1e-6)
+    x, weight, targets = lce_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 parameters, bf16 matmuls
+        assert_all_close(*(lce_loss_and_grads(fn, x, weight, targets, chunk_size=5)
+                           for fn in (kernels.linear_cross_entropy_triton, kernels.linear_cross_entropy_torch)),
+                         rtol=1e-5, atol=1e-6)
+    x, weight, targets = lce_inputs(n_ignored=19)  # no counted token: NaN and zero gradients
+    got = lce_loss_and_grads(kernels.linear_cross_entropy_triton, x, weight, targets, chunk_size=8)
+    assert got[0].isnan() and not got[1].any() and not got[2].any()
+    x, weight, targets = lce_inputs()
+    x.requires_grad_(False)  # the weight's gradient only
+    torch.testing.assert_close(*(torch.autograd.grad(fn(x, weight, targets), weight)[0]
+                                 for fn in (kernels.linear_cross_entropy_triton, lce_reference)), rtol=1e-5, atol=1e-6)
+    head, rows, calls = torch.nn.Linear(LCE_C, LCE_V, bias=False), kernels._cross_entropy_rows_triton, []
+    kernels._cross_entropy_rows_triton = lambda *args: calls.append(1) or rows(*args)  # counts the kernel's calls
+    try:
+        loss = under_backend("triton", kernels.linear_cross_entropy)(x, head, targets)
+    finally:
+        kernels._cross_entropy_rows_triton = rows
+    assert calls and torch.allclose(loss, lce_reference(x, head.weight, targets), rtol=1e-5, atol=1e-6)
+
+
+def triton_check_linear_scan():
+    def inputs(a_shape, b_shape, dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        a = (0.5 + 0.5 * torch.rand(a_shape, generator=g)).to(dtype)  # decays in (0.5, 1], like exp(dt A)
+        return a, torch.randn(b_shape, generator=g).to(dtype), torch.randn(b_shape, generator=g).to(dtype)
+
+    for a_shape, b_shape in [((2, 13, 3, 1, 4), (2, 13, 3, 5, 4)),  # selective_scan's broadcast, R = 60 < BLOCK
+                             ((2, 13, 3, 5, 4), (2, 13, 3, 5, 4)),  # no broadcast
+                             ((1, 9, 1, 131), (2, 9, 2, 131)),      # broadcast over the batch, R = 262: ragged
+                             ((3, 1, 7), (3, 1, 7)), ((2, 6), (2, 6))]:  # T = 1; no rest dims
+        a, b, dh = inputs(a_shape, b_shape)
+        assert_paths_agree(kernels.linear_scan_triton, kernels.linear_scan_torch, [a, b], KERNEL_TOL[torch.float32],
+                           grad_outputs=[dh], what=(a_shape, b_shape))
+    # a a non-contiguous view (time-major storage), b transposed, the upstream gradient expanded: strides
+    a, b, dh = inputs((13, 2, 3, 1, 4), (2, 3, 13, 5, 4))
+    a, b = a.transpose(0, 1), b.permute(0, 2, 1, 3, 4)  # (2, 13, 3, 1, 4), (2, 13, 3, 5, 4)
+    dh = dh[:, :1].permute(0, 2, 1, 3, 4).expand(b.shape)
+    assert_paths_agree(kernels.linear_scan_triton, kernels.linear_scan_torch, [a, b], KERNEL_TOL[torch.float32],
+                       grad_outputs=[dh], what="strided")
+    for dtype, tol in ((torch.float16, 1e-2), (torch.bfloat16, 2e-2)):  # fp32 math inside: the torch path in fp32
+        a, b, dh = inputs((2, 13, 3, 1, 4), (2, 13, 3, 5, 4), dtype)
+        assert_paths_agree(kernels.linear_scan_triton,
+                           lambda a, b: kernels.linear_scan_torch(a.float(), b.float()).to(dtype), [a, b],
+                           dict(rtol=tol, atol=tol), grad_outputs=[dh], what=dtype)
+    assert_public_op_takes_triton("linear_scan", "LinearScanTriton", *inputs((2, 5, 1, 3), (2, 5, 2, 3))[:2])
+
+
+TRITON_CHECKS = {"norms": ["triton_check_rms_norm_and_layer_norm"],
+                 "rope_swiglu_gelu": ["triton_check_rope", "triton_check_swiglu_and_gelu_tanh"],
+                 "attention": ["triton_check_attention_fp32", "triton_check_attention_half_precision_and_limits"],
+                 "linear_cross_entropy": ["triton_check_cross_entropy_rows", "triton_check_linear_cross_entropy"],
+                 "linear_scan": ["triton_check_linear_scan"]}
+
+
+def run_triton_checks(group):
+    """The group's checks, in a process started with TRITON_INTERPRET=1 (below)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before Python starts"
+    for name in TRITON_CHECKS[group]:
+        globals()[name]()
+
+
+@pytest.mark.parametrize("group", sorted(TRITON_CHECKS))
+def test_triton_kernels_equal_torch_paths(group):
+    """Each op's Triton kernels (forward and backward, in Triton's interpreter on the CPU, in a subprocess) against
+    its torch path: outputs and every gradient, fp32 to 1e-5, fp16/bf16 to their stated tolerances, odd shapes and
+    small tiles (ragged blocks), non-contiguous inputs, GQA, and the public ops' dispatch to them."""
+    run_interpreted(f"run_triton_checks({group!r})")
+
+
+def run_interpreted(call):
+    """test_all.<call> in a new Python with TRITON_INTERPRET=1 set before triton is imported (Triton kernels then run
+    on CPU tensors); fails with its output when it raises."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", f"import test_all; test_all.{call}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------- kernels.py in every model
+
+# one layer each: Triton's interpreter costs about a millisecond per program instance
+KERNEL_MODELS = {"gpt2": lambda: tiny_gpt2(n_layer=1), "llama": lambda: tiny_llama(n_layer=1),
+                 "moe": lambda: tiny_moe(n_layer=1), "mla": lambda: tiny_mla(n_layer=1),
+                 "mamba": lambda: tiny_mamba(variant="mamba2", n_layer=1),
+                 "mamba1": lambda: tiny_mamba(variant="mamba1", n_layer=1)}
+# the Triton autograd Functions each model's training graph must hold when the Triton path runs
+KERNEL_FUNCTIONS = {"gpt2": {"LayerNormTriton", "GELUTanhTriton", "FlashAttention", "LinearCrossEntropy"},
+                    "llama": {"RMSNormTriton", "RoPETriton", "SwiGLUTriton", "FlashAttention", "LinearCrossEntropy"},
+                    "moe": {"RMSNormTriton", "RoPETriton", "SwiGLUTriton", "FlashAttention", "LinearCrossEntropy"},
+                    "mla": {"RMSNormTriton", "RoPETriton", "SwiGLUTriton", "LinearCrossEntropy"},
+                    "mamba": {"RMSNormTriton", "LinearCrossEntropy"},
+                    "mamba1": {"RMSNormTriton", "LinearScanTriton", "LinearCrossEntropy"}}
+
+
+def autograd_functions(tensor):
+    """The names of the autograd nodes behind tensor, without the 'Backward' suffix."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack.extend(f for f, _ in fn.next_functions)
+    return {fn.name().removesuffix("Backward") for fn in seen}
+
+
+def kernels_training_losses(name, backend, steps=20):
+    """The losses of `steps` AdamW steps of the tiny `name` model on one random batch (the loss alone, as train.py
+    asks for it), under kernels.set_backend(backend); and the autograd functions of the first step."""
+    previous = kernels.set_backend(backend)
+    try:
+        torch.manual_seed(0)
+        model = KERNEL_MODELS[name]()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        idx = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+        losses, functions = [], None
+        for _ in range(steps):
+            _, loss = model(idx[:, :-1], idx[:, 1:], need_logits=False)
+            functions = functions or autograd_functions(loss)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        kernels.set_backend(previous)
+    return losses, functions
+
+
+def triton_check_training(name):
+    """Run in Triton's interpreter (below): the Triton path trains like the torch path."""
+    want, plain = kernels_training_losses(name, "torch")
+    got, fused = kernels_training_losses(name, "triton")
+    assert not any(f.endswith("Triton") or f == "FlashAttention" for f in plain), plain
+    assert KERNEL_FUNCTIONS[name] <= fused, (name, KERNEL_FUNCTIONS[name] - fused)
+    # fp32: the ops agree to ~1e-6; 20 AdamW steps at lr 1e-2 amplify that a little
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert want[-1] < want[0] - 1.0  # and it learns the batch
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_MODELS))
+def test_every_model_trains_the_same_with_triton_kernels(name):
+    """Every text model, 20 steps from one seed with kernels=torch and with the Triton kernels (forward and
+    backward, in Triton's interpreter on the CPU, in a subprocess): the same losses within fp32 rounding, and the
+    Triton run's graph holds the model's Triton functions (so the dispatch took them)."""
+    run_interpreted(f"triton_check_training({name!r})")
 
 
 if __name__ == "__main__":

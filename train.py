@@ -12,6 +12,7 @@ Train any gaia model by name, from a laptop CPU to many GPUs.
 """
 import contextlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import torch
 
 import configurator
 import distributed
+import kernels
 from configurator import ConfigError
 from data import Batches, DataError, get_tokenizer, load_splits
 from distributed import DistributedError
@@ -64,6 +66,7 @@ class TrainConfig:
     device: str = "auto"             # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     dtype: str = "auto"              # auto (bfloat16 on GPUs that have it, else float16; float32 on cpu) | float32 | bfloat16 | float16
     compile: bool = False            # torch.compile the model
+    kernels: str = os.environ.get("GAIA_KERNELS", "auto")  # fused ops (kernels.py): auto (Triton on GPUs) | triton | torch | cuda
     seed: int = 1337
     sample_tokens: int = 500         # length of the text sample at the end; 0 = none
     sample_prompt: str = "\n"
@@ -98,6 +101,9 @@ class TrainConfig:
             "log_interval": (self.log_interval >= 1, "must be >= 1"),
             "sample_tokens": (self.sample_tokens >= 0, "must be >= 0 (0 = no sample)"),
             "tp": (self.tp >= 1, "must be >= 1"),
+            "kernels": (self.kernels in kernels.BACKENDS and (self.kernels != "triton" or kernels.HAS_TRITON),
+                        f"is not one of {', '.join(kernels.BACKENDS)}" if self.kernels not in kernels.BACKENDS
+                        else "needs the triton package (pip install triton; Linux); or use --kernels=auto"),
             **device_rules(self),
             **sampling_rules(self),
         })
@@ -667,8 +673,14 @@ class StopRequest:
         self.previous = {}
 
 
+def loss_only(model_class):
+    """The keyword that asks a model's forward for its loss alone (text models: the LM head and the loss fused, no
+    logits held); {} for a model without one."""
+    return {"need_logits": False} if "need_logits" in inspect.signature(model_class.forward).parameters else {}
+
+
 @torch.no_grad()
-def estimate_loss(model, splits, make_batches, cfg, autocast, device, layout):
+def estimate_loss(model, splits, make_batches, cfg, autocast, device, layout, forward_kwargs):
     """Mean loss over eval_iters batches of each split. The batches come from a generator seeded the
     same way every time, so evals are comparable and never disturb the training data order or RNG;
     data-parallel ranks each take their slice of every batch, so the result is the same at any world size."""
@@ -680,7 +692,7 @@ def estimate_loss(model, splits, make_batches, cfg, autocast, device, layout):
         for k in range(cfg.eval_iters):
             x, y = to_device(batches.next(), device)
             with autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, **forward_kwargs)
             losses[k] = loss.item()
         out[name] = distributed.all_mean(losses.mean().item(), layout)
     model.train()
@@ -696,6 +708,11 @@ def train(argv):
         torch.cuda.set_device(device)
     dtype = pick_dtype(cfg.dtype, device)
     dev_type = device_type(device)
+    if cfg.kernels == "triton" and dev_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"kernels=triton runs Triton kernels, which need a CUDA device, and this run is on {device}; "
+                          f"use --kernels=auto (Triton on GPUs, the torch path elsewhere) or --kernels=torch")
+    kernels.set_backend(cfg.kernels)
+    forward_kwargs = loss_only(module.Model)
     say = print if layout.master else (lambda *a, **k: None)
     if ckpt is not None and ckpt.get("sharded") is None and layout.sharded:
         raise TrainingError(f"{cfg.out_dir}/ckpt.pt is an unsharded checkpoint; resume it without --tp/--fsdp "
@@ -788,7 +805,7 @@ def train(argv):
 
     def evaluate():
         nonlocal best_val
-        losses = estimate_loss(model, splits, make_batches, cfg, autocast, device, layout)
+        losses = estimate_loss(model, splits, make_batches, cfg, autocast, device, layout, forward_kwargs)
         scores = {}
         if model_evaluation is not None:  # every rank runs it (a sharded model's forward needs them all); rank 0 logs
             raw_model.eval()
@@ -831,7 +848,7 @@ def train(argv):
                 last = micro == cfg.gradient_accumulation_steps - 1
                 with distributed.no_grad_sync(model, last):
                     with nvtx("forward", device), autocast:
-                        _, loss = model(x, y)
+                        _, loss = model(x, y, **forward_kwargs)
                         loss = loss / cfg.gradient_accumulation_steps
                     with nvtx("data", device):
                         x, y = to_device(train_batches.next(), device)  # fetched while the device works on this step

@@ -1,5 +1,5 @@
 """
-Benchmark of GPT-2's tanh GELU on the CPU: ATen's F.gelu(approximate="tanh"), gpt2.py's GELUTanhCPU (the same
+Benchmark of GPT-2's tanh GELU on the CPU: ATen's F.gelu(approximate="tanh"), kernels.py's GELUTanhCPU (the same
 function as x * sigmoid(u), backward written out) and, for scale, ATen's erf GELU (nanoGPT's), forward and
 backward on one MLP activation of the cpu-anchor shapes (B=16, T=128, 4 * n_embd = 512), fp32.
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gpt2  # noqa: E402
+import kernels  # noqa: E402
 import train  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main():
     train.keep_freed_memory()  # as train.py does on the CPU
     x = torch.randn(*map(int, args.shape.split(",")), requires_grad=True)
     grad = torch.randn_like(x)
-    kinds = {"aten tanh": lambda t: F.gelu(t, approximate="tanh"), "gaia tanh": gpt2.GELUTanhCPU.apply,
+    kinds = {"aten tanh": lambda t: F.gelu(t, approximate="tanh"), "gaia tanh": kernels.GELUTanhCPU.apply,
              "aten erf": F.gelu}
     times = {k: {"forward": [], "backward": []} for k in kinds}
     for i in range(args.repeats + 5):  # alternate the kinds, so load drift on the machine hits all alike
