@@ -14,7 +14,7 @@ Shapes, --tokens = B*T = 8192 by default (T = 1024 or --tokens if less):
     large: Llama-7B/8B-like: C = 4096, 32 heads x 128 with 8 KV heads, vocab 128256, hidden 11008
     attention: q (B, H, T, D), causal; rope: q (B, T, H, D), k (B, T, Hk, D), cos/sin (T, 1, D)
     linear_scan: Mamba-1's (B, T, d_inner = 2C, 1, N = 16), always fp32 (mamba.py scans in fp32); large on the
-        CPU at 2048 tokens (at 8192, fp32 a and b alone take 8.6 GB, fwd+bwd ~40 GB)
+        CPU at 2048 tokens (at 8192, fp32 a and b alone take 8.6 GB, fwd+bwd ~30 GB)
 Variants: eager (for linear_cross_entropy the unfused F.cross_entropy(F.linear(x, W).float(), targets)), chunked
 (linear_cross_entropy_torch, the chunked torch path), compile (torch.compile of the torch path; for
 linear_cross_entropy of the chunked one, what a compiled model runs), triton (CUDA with triton, or TRITON_INTERPRET=1).
@@ -45,16 +45,16 @@ SIZES = {"small": dict(C=768, H=12, Hk=12, D=64, V=50257, hidden=3072),
          "large": dict(C=4096, H=32, Hk=8, D=128, V=128256, hidden=11008)}
 
 
-def n_tokens(op, size, tokens, device):
-    return min(tokens, 2048) if (op, size, device) == ("linear_scan", "large", "cpu") else tokens
-
-
-def make_inputs(op, size, tokens, device, dtype):
-    """(args, indices of the args that get grads, indices of the args shaped as the outputs: () = a scalar loss)."""
+def make_inputs(op, size, tokens, device, dtype, meta=False):
+    """(args, indices of the args that get grads, indices of the args shaped as the outputs: () = a scalar loss);
+    with meta, shapes only."""
     s = SIZES[size]
     C, H, Hk, D = s["C"], s["H"], s["Hk"], s["D"]
+    if (op, size, device) == ("linear_scan", "large", "cpu"):
+        tokens = min(tokens, 2048)
     T = min(1024, tokens)
     B = tokens // T
+    device = "meta" if meta else device
 
     def r(*shape, scale=1.0, dt=dtype):
         return torch.randn(shape, device=device, dtype=dt).mul_(scale)
@@ -84,11 +84,9 @@ def make_inputs(op, size, tokens, device, dtype):
 def variant_fn(op, variant, device):
     """The function a row times, or a string saying why the row cannot run here."""
     torch_fn = getattr(kernels, f"{op}_torch")
-    if variant == "chunked":
-        return torch_fn if op == "linear_cross_entropy" else None  # the other ops have nothing chunked
-    if variant == "eager":
-        if op == "linear_cross_entropy":
-            return lambda x, weight, targets: F.cross_entropy(F.linear(x, weight).float(), targets)
+    if variant == "eager" and op == "linear_cross_entropy":
+        return lambda x, weight, targets: F.cross_entropy(F.linear(x, weight).float(), targets)
+    if variant in ("eager", "chunked"):  # chunked: linear_cross_entropy's own torch path
         return torch_fn
     if variant == "compile":
         torch._dynamo.reset()
@@ -147,8 +145,7 @@ def cpu_peak_mb(args):
     libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD, fixed (glibc stops raising it)
     libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
     op, variant = args.child.split(":")
-    tokens = n_tokens(op, args.sizes, args.tokens, "cpu")
-    inputs, grad_idx, out_idx = make_inputs(op, args.sizes, tokens, "cpu", getattr(torch, args.dtype))
+    inputs, grad_idx, out_idx = make_inputs(op, args.sizes, args.tokens, "cpu", getattr(torch, args.dtype))
     fwd_bwd = steps(variant_fn(op, variant, "cpu"), inputs, grad_idx, out_idx)[1]
     fwd_bwd()
     with open("/proc/self/clear_refs", "w") as f:
@@ -171,15 +168,15 @@ def measure_cpu_memory(op, variant, args, size):
 def bench_row(op, variant, size, device, dtype, args):
     """{fwd, fwd+bwd, peak} for one row, or a string: why it did not run."""
     fn = variant_fn(op, variant, device)
-    if fn is None or isinstance(fn, str):
+    if isinstance(fn, str):
         return fn
-    inputs, grad_idx, out_idx = make_inputs(op, size, n_tokens(op, size, args.tokens, device), device, dtype)
+    inputs, grad_idx, out_idx = make_inputs(op, size, args.tokens, device, dtype)
     fwd, fwd_bwd = steps(fn, inputs, grad_idx, out_idx)
     try:
         row = {"fwd": median_ms(fwd, device, args.warmup, args.repeats),
                "fwd+bwd": median_ms(fwd_bwd, device, args.warmup, args.repeats), "peak": None}
     except Exception as e:  # e.g. torch.compile without a working C++ compiler: say why, go on
-        return f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:110]
+        return f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:110]
     if device == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -191,13 +188,14 @@ def bench_row(op, variant, size, device, dtype, args):
 
 
 def shapes_line(op, size, tokens, device, dtype):
-    inputs = make_inputs(op, size, n_tokens(op, size, tokens, device), "meta", dtype)[0]
+    inputs = make_inputs(op, size, tokens, device, dtype, meta=True)[0]
     return ", ".join(f"{tuple(t.shape)} {str(t.dtype)[6:]}" for t in inputs if isinstance(t, torch.Tensor))
 
 
 def print_table(op, size, rows, shapes):
     print(f"\n{op}, {size}: {shapes}")
-    print(f"  {'variant':<9} {'fwd ms':>10} {'fwd+bwd ms':>11} {'peak MB':>9}   vs eager: speedup fwd, fwd+bwd; peak ratio")
+    print(f"  {'variant':<9} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MB':>9}   "
+          f"vs eager: speedup fwd, fwd+bwd; peak / eager's")
     eager = rows.get("eager")
     for name, row in rows.items():
         if isinstance(row, str):
@@ -208,9 +206,9 @@ def print_table(op, size, rows, shapes):
         if isinstance(eager, dict) and name != "eager":
             mem = (f"{peak / eager['peak']:.3f}" if isinstance(peak, float) and isinstance(eager["peak"], float)
                    and eager["peak"] > 0 else "-")
-            vs = f"{eager['fwd'] / row['fwd']:.2f}x, {eager['fwd+bwd'] / row['fwd+bwd']:.2f}x; {mem}"
+            vs = f"{eager['fwd'] / row['fwd']:.3g}x, {eager['fwd+bwd'] / row['fwd+bwd']:.3g}x; {mem}"
         peak_s = f"{peak:9.1f}" if isinstance(peak, float) else f"{'-':>9}"
-        print(f"  {name:<9} {row['fwd']:10.2f} {row['fwd+bwd']:11.2f} {peak_s}   {vs}")
+        print(f"  {name:<9} {row['fwd']:8.2f} {row['fwd+bwd']:11.2f} {peak_s}   {vs}")
         if isinstance(peak, str):
             print(f"  {'':<9} peak: {peak}")
 
@@ -244,7 +242,10 @@ def main():
         torch.set_num_threads(args.threads)
     if args.child:
         return cpu_peak_mb(args)
-    device = train.pick_device(args.device)
+    try:
+        device = train.pick_device(args.device)
+    except Exception as e:  # configurator.ConfigError: one line says what this machine has
+        sys.exit(f"error: {e}")
     args.dtype = train.pick_dtype(args.dtype, device)
     if device == "cpu":
         train.keep_freed_memory()  # as train.py does on the CPU
