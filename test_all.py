@@ -623,6 +623,10 @@ def test_bad_data_gives_one_clear_line(tmp_path, capsys, content, message):
     (["--fsdp=True"], "--fsdp=True needs several processes: launch with torchrun"),
     (["--kernels=cublas"], "kernels='cublas' is not one of auto, triton, torch, cuda"),
     (["--kernels=triton", "--device=cpu"], "kernels=triton runs Triton kernels, which need a CUDA device.*--kernels=auto"),
+    (["--optimizer=sgd"], "optimizer='sgd' is not one of adamw, muon; e.g. --optimizer=adamw"),
+    (["--muon_momentum=1"], "muon_momentum=1.0 must be in \\[0, 1\\)"),
+    (["--optimizer=muon", "--fsdp=True"], "optimizer=muon cannot run with --fsdp=True: Newton-Schulz needs each whole matrix"),
+    (["--optimizer=muon", "--tp=2"], "optimizer=muon cannot run with --tp=2: .*use DDP"),
 ])
 def test_bad_config_gives_one_clear_line(tmp_path, capsys, args, message):
     code, out = run_main(capsys, "--tokenizer=byte", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}", *args)
@@ -659,6 +663,8 @@ def test_resume_refuses_another_model_or_a_contradicting_config(tmp_path, capsys
     assert code == 1 and f"holds a gpt2 model, not {other}" in out, out
     code, out = run_main(capsys, "--init_from=resume", f"--out_dir={tmp_path}", "--n_layer=3")
     assert code == 1 and "trained with n_layer=2, not 3" in out, out
+    code, out = run_main(capsys, "--init_from=resume", f"--out_dir={tmp_path}", "--optimizer=muon")
+    assert code == 1 and "trained with optimizer='adamw', not 'muon'" in out, out
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "not a checkpoint", "other parameter names", "other config keys"])
@@ -895,6 +901,87 @@ def test_peak_flops_table_and_lr_schedule(monkeypatch):
     assert train.lr_at(110, cfg) == pytest.approx(0.1) and train.lr_at(500, cfg) == pytest.approx(0.1)
 
 
+# ------------------------------------------------------------------------------------- --optimizer=muon
+
+def newton_schulz_reference(G, steps=5, a=3.4445, b=-4.7750, c=2.0315):
+    """Keller Jordan's quintic Newton-Schulz iteration in float64: X = G / ||G||_F turned wide, then
+    X <- a X + (b A + c A^2) X with A = X X^T, steps times, turned back."""
+    X = G.double()
+    tall = X.shape[0] > X.shape[1]
+    X = X.T if tall else X
+    X = X / X.norm()
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+def test_muon_step_is_orthogonalised_nesterov_momentum():
+    """Two Muon steps on a tall and a wide matrix of a tiny llama, against the formula: buf = mu buf + g,
+    update = NS5(g + mu buf) (Nesterov), w -= muon_lr * sqrt(max(1, rows / cols)) * update. torch runs the iteration
+    in bfloat16, hence the tolerance; without Nesterov, the wrong scale or the wrong coefficients it is far off. The
+    update's singular values lie in the band the quintic leaves after 5 steps (about 0.68 to 1.13 for a
+    well-conditioned matrix): orthogonal up to that spread."""
+    model = tiny_llama()
+    cfg = train.TrainConfig(optimizer="muon", muon_lr=0.02, muon_momentum=0.9, learning_rate=1e-3)
+    opt = train.make_optimizer(model, cfg)
+    params = dict(model.named_parameters())
+    names = {"transformer.h.0.mlp.gate_proj.weight": 3 ** 0.5, "transformer.h.1.mlp.down_proj.weight": 1.0}
+    assert [tuple(params[n].shape) for n in names] == [(192, 64), (64, 192)]  # rows / cols = 3, then 1/3
+    generator = torch.Generator().manual_seed(0)
+    buf = {n: 0 for n in names}
+    for _ in range(2):
+        grads = {n: torch.randn(p.shape, generator=generator) for n, p in params.items()}
+        before = {n: params[n].detach().clone() for n in names}
+        for n, p in params.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n, scale in names.items():
+            buf[n] = cfg.muon_momentum * buf[n] + grads[n]
+            orthogonal = newton_schulz_reference(grads[n] + cfg.muon_momentum * buf[n])
+            step = (params[n].detach() - before[n]).double() / (-cfg.muon_lr * scale)
+            assert (step - orthogonal).norm() / orthogonal.norm() < 0.03, n
+            singular = torch.linalg.svdvals(step)
+            assert singular.min() > 0.66 and singular.max() < 1.15, (n, singular.min(), singular.max())
+
+
+@pytest.mark.parametrize("model, muon, decay, no_decay", [
+    ("gpt2", ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+     ["transformer.wte.weight", "transformer.wpe.weight"],  # the head is tied to wte: one tensor
+     ["ln_1.weight", "ln_1.bias", "attn.c_q.bias", "attn.c_k.bias", "attn.c_v.bias", "attn.c_proj.bias", "ln_2.weight",
+      "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"]),
+    ("llama", ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                  "mlp.down_proj"], ["transformer.wte.weight", "lm_head.weight"], ["ln_1.weight", "ln_2.weight"]),
+])
+def test_muon_trains_the_blocks_matrices_and_adamw_the_rest(model, muon, decay, no_decay):
+    model, gpt2_like = (tiny_gpt2(), True) if model == "gpt2" else (tiny_llama(), False)
+    cfg = train.TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)
+    opt = train.make_optimizer(model, cfg)
+    name = {id(p): n for n, p in model.named_parameters()}
+    groups = [[name[id(p)] for p in g["params"]] for g in opt.param_groups]  # Muon's, then AdamW's decay and no-decay
+    blocks = lambda suffixes, end: [f"transformer.h.{i}.{s}{end}" for i in range(2) for s in suffixes]
+    assert groups == [blocks(muon, ".weight"), decay, blocks(no_decay, "") + ["transformer.ln_f.weight"]
+                      + (["transformer.ln_f.bias"] if gpt2_like else [])]
+    assert isinstance(opt.optimizers["muon"], torch.optim.Muon) and isinstance(opt.optimizers["adamw"], torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, cfg.weight_decay, 0.0]
+    # the schedule scales every group alike: Muon's peaks at muon_lr, AdamW's at learning_rate
+    assert [train.group_lr(g, 5e-4, cfg) for g in opt.param_groups] == pytest.approx([0.01, 5e-4, 5e-4])
+    assert isinstance(train.make_optimizer(model, train.TrainConfig()), torch.optim.AdamW)  # the default: AdamW alone
+
+
+def test_muon_resume_is_bit_identical(tmp_path):
+    """As test_resume_is_bit_identical, with Muon: its momentum buffers go into the checkpoint and come back."""
+    common = ["--model=llama", "--optimizer=muon", "--lr_decay_iters=12", "--eval_interval=3", "--dropout=0.1"]
+    whole = run_train(*common, "--max_iters=12", out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"))
+    run_train(*common, "--max_iters=6", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["optimizer_state"]
+    assert len(state["muon"]["state"]) == 4 * 7 and all("momentum_buffer" in s for s in state["muon"]["state"].values())
+    resumed = run_train("--init_from=resume", "--max_iters=12", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"], r["lr"]) for r in rows if "loss" in r]
+    assert len(losses(whole)) == 12 and losses(resumed) == losses(whole)
+    assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
+
+
 
 # ------------------------------------------------------------------------------------- distributed (gloo, 2 CPU processes)
 
@@ -944,6 +1031,17 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(single_process_run
     ddp, ref = torch.load(tmp_path / "ckpt.pt"), torch.load(single_process_run / "ckpt.pt")
     for k, v in ref["model_state"].items():  # the weights after 6 steps: every gradient went into them
         torch.testing.assert_close(ddp["model_state"][k], v, atol=1e-5, rtol=0)
+
+
+def test_ddp_with_muon_equals_one_process(tmp_path):
+    """Every rank runs Muon on the same all-reduced gradients: 2 ranks x 4 train as 1 process x 8. Newton-Schulz runs
+    in bfloat16, which turns the all-reduce's float32 rounding (1e-7) into differences of bfloat16's size in a few
+    entries of an update, hence 1e-4 here (measured: 1e-5 in the loss, 7e-5 relative in the gradient norm)."""
+    args = [*DIST_RUN[len(TINY_RUN):], "--optimizer=muon", "--max_iters=4"]
+    run_train(*args, "--batch_size=8", out_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "c"))
+    code, out = torchrun(*TINY_RUN, *args, "--batch_size=4", f"--out_dir={tmp_path / 'ddp'}", f"--cache_dir={tmp_path / 'c'}")
+    assert code == 0, out
+    assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"), tol=1e-4)
 
 
 # ------------------------------------------------------------------------------------- llama.py
