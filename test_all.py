@@ -32,6 +32,7 @@ import llama  # noqa: E402
 import mamba  # noqa: E402
 import mla  # noqa: E402
 import moe  # noqa: E402
+import speedrun  # noqa: E402
 import train  # noqa: E402
 import vlm  # noqa: E402
 from export import main as export_main  # noqa: E402
@@ -3214,6 +3215,135 @@ def test_jepa_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone():
     assert dataclasses.asdict(model.config) == before
 
 
+# ------------------------------------------------------------------------------------- speedrun.py
+# Tests of speedrun.py against formulas written here: the soft cap, QK-norm, ReLU², the identity blocks at init, and
+# the value-embedding and U-net wiring against a forward spelled out layer by layer. It has no Hugging Face
+# counterpart.
+
+def tiny_speedrun(**overrides):
+    """A small random speedrun.Model: 2 layers, vocab 96, block_size 64. The zero-init projections and head, and the
+    constant scalars, are randomized: at init every block is the identity, and a decode test would see nothing."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=64, intermediate_size=96)
+    return randomize_constant_params(speedrun.Model(speedrun.Config(**{**config, **overrides})))
+
+
+def rms(x, eps=1e-5):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_speedrun_soft_cap_is_cap_tanh_of_the_logits():
+    """The same weights with softcap=15 and softcap=0 (the raw logits): capped = 15 tanh(raw / 15), in the logits and
+    in the loss of both forward paths (need_logits=False takes the fused head + loss only without the cap)."""
+    model = tiny_speedrun()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # logits past the cap, so it bends them
+    raw_model = speedrun.Model(dataclasses.replace(model.config, softcap=0.0))
+    raw_model.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        raw, raw_loss = raw_model(idx, idx)
+        capped, loss = model(idx, idx)
+        _, fused_loss = model(idx, idx, need_logits=False)
+        _, raw_fused_loss = raw_model(idx, idx, need_logits=False)
+    assert raw.abs().max() > 30 and capped.abs().max() <= 15
+    torch.testing.assert_close(capped, 15 * torch.tanh(raw / 15), atol=1e-5, rtol=0)
+    expected = F.cross_entropy((15 * torch.tanh(raw / 15)).flatten(0, 1), idx.flatten())
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused_loss, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw_fused_loss, raw_loss, atol=1e-5, rtol=0)
+
+
+def test_speedrun_qk_norm_is_rms_of_each_head():
+    """q_norm and k_norm divide each head's vector by its RMS (no gain); the attention is then blind to the scale
+    of c_q and c_k (without QK-norm, x7 and x0.5 would change it; eps makes it not exact)."""
+    model = tiny_speedrun()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 16, 4, 16) * 3
+    torch.testing.assert_close(attn.q_norm(x), rms(x), atol=1e-5, rtol=0)
+    assert not list(attn.q_norm.parameters()) and not list(attn.k_norm.parameters())
+    h = torch.randn(2, 16, 64)
+    cos, sin = model.rope_cos[:16, None], model.rope_sin[:16, None]
+    with torch.no_grad():
+        before = attn(h, cos, sin)
+        attn.c_q.weight.mul_(7)
+        attn.c_k.weight.mul_(0.5)
+        after = attn(h, cos, sin)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+
+
+def test_speedrun_mlp_is_relu_squared():
+    mlp = tiny_speedrun().transformer.h[0].mlp
+    x = torch.randn(3, 5, 64)
+    hidden = x @ mlp.c_fc.weight.T
+    expected = (torch.where(hidden > 0, hidden, 0.0) ** 2) @ mlp.c_proj.weight.T
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(value_embeds=2, unet=True)])
+def test_speedrun_blocks_are_the_identity_at_init(overrides):
+    """attn.c_proj, mlp.c_proj and the head start at zero: every block returns its input, and the model predicts
+    the uniform distribution, loss ln(vocab_size)."""
+    torch.manual_seed(0)
+    model = speedrun.Model(speedrun.Config(vocab_size=96, n_layer=4, **overrides))
+    idx = torch.randint(0, 96, (2, 16))
+    x = torch.randn(2, 16, 128)
+    cos, sin = model.rope_cos[:16, None], model.rope_sin[:16, None]
+    with torch.no_grad():
+        for i, block in enumerate(model.transformer.h):
+            ve = model.transformer.ve[model.ve_table[i]](idx) if model.ve_table[i] is not None else None
+            assert torch.equal(block(x, cos, sin, ve), x), i
+        logits, loss = model(idx, idx)
+    assert torch.equal(logits, torch.zeros_like(logits)) and loss.item() == pytest.approx(math.log(96), abs=1e-6)
+
+
+def test_speedrun_value_embeddings_and_unet_skips_spelled_out():
+    """n_layer=4, value_embeds=2, unet: layers 0 and 3 mix table 0 into their values, layers 1 and 2 table 1
+    (mirrored); layer 2 adds skip_weights[0] * layer 1's output to its input, layer 3 skip_weights[1] * layer 0's.
+    The model's forward against that wiring written out, each block called by hand."""
+    model = tiny_speedrun(n_layer=4, value_embeds=2, unet=True)
+    assert model.ve_table == [0, 1, 1, 0]
+    assert speedrun.Model(speedrun.Config(n_layer=5, value_embeds=2)).ve_table == [0, 1, None, 1, 0]
+    idx = torch.randint(0, 96, (2, 16))
+    cos, sin = model.rope_cos[:16, None], model.rope_sin[:16, None]
+    h, w = model.transformer.h, model.skip_weights
+    with torch.no_grad():
+        ve0, ve1 = model.transformer.ve[0](idx), model.transformer.ve[1](idx)
+        x = rms(model.transformer.wte(idx))
+        out0 = h[0](x, cos, sin, ve0)
+        out1 = h[1](out0, cos, sin, ve1)
+        out2 = h[2](out1 + w[0] * out1, cos, sin, ve1)
+        out3 = h[3](out2 + w[1] * out0, cos, sin, ve0)
+        expected = 15 * torch.tanh(model.lm_head(rms(out3)) / 15)
+        logits, _ = model(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(w, torch.ones_like(w))  # randomized: a swapped pair of weights would show
+
+
+def test_speedrun_default_fits_in_nanogpts_parameter_count():
+    """The default model (4x128, untied head, vocab 256) has no more parameters than nanoGPT's 4x128 byte-level
+    GPT-2 (biases, learned positions for 128 tokens, tied head), counted with every embedding."""
+    nanogpt = gpt2.Model(gpt2.Config(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128, bias=True))
+    model = speedrun.Model(speedrun.Config(vocab_size=256, block_size=128))
+    n = sum(p.numel() for p in model.parameters())
+    assert n <= sum(p.numel() for p in nanogpt.parameters()) == 842_496
+    c = model.config
+    assert n == 2 * 256 * 128 + 4 * (4 * 128 * 128 + 2 * 128 * c.intermediate_size)
+    assert model.flops_per_token(128) == 6 * (n - 256 * 128) + 12 * 4 * 128 * 128
+
+
+def test_models_without_hugging_face_interop_refuse_it_in_one_line(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    code, out = run_main(capsys, *TINY_RUN, "--model=speedrun", f"--init_from={tmp_path / 'hf'}", f"--out_dir={tmp_path}")
+    assert code == 1 and "error: speedrun.py has no Hugging Face interop (no Model.from_pretrained)" in out, out
+    run_train("--model=speedrun", "--max_iters=1", "--n_layer=1", out_dir=str(tmp_path / "run"))
+    code, out = run_main(capsys, f"--out_dir={tmp_path / 'run'}", main=export_main)
+    assert code == 1 and "error: speedrun.py has no Hugging Face interop (no save_pretrained)" in out, out
+    assert "Traceback" not in out and not os.path.exists(tmp_path / "run" / "hf")
+
+
 # ===================================================================================== every model file, one table
 # The tests that hold for every model file, parametrized over one table: a new model file gets all of them by adding
 # its row. A row: `build`, a tiny random gaia model; `hf`, a tiny random transformers model of the same architecture
@@ -3237,6 +3367,7 @@ MODEL_TABLE = {
     "mamba": dict(build=lambda: tiny_mamba(variant="mamba2"), hf=hf_mamba2, tp=None),
     "mla": dict(build=tiny_mla, hf=hf_deepseek, tp=[]),
     "moe": dict(build=tiny_moe, hf=lambda: hf_mixtral(4, 2, 2), tp=["--n_kv_head=2", "--qk_norm=True"]),
+    "speedrun": dict(build=lambda: tiny_speedrun(value_embeds=1, unet=True), hf=None, tp=None),
 }
 
 
@@ -3282,12 +3413,16 @@ def test_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone(model):
 @pytest.mark.parametrize("model", TEXT_MODELS)
 def test_hugging_face_round_trip(model, tmp_path):
     """transformers' model -> gaia (sharded safetensors) -> the same logits -> gaia's save_pretrained -> transformers."""
+    if MODEL_TABLE[model]["hf"] is None:
+        pytest.skip(f"{model}.py has no Hugging Face interop (no transformers architecture to compare with)")
     hf = MODEL_TABLE[model]["hf"]()
     hf_roundtrip(train.load_model_module(model), hf, tmp_path, hf.config.vocab_size, max_shard_size="20KB")
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_directory_without_weights_says_so(model, tmp_path):
+    if not hasattr(train.load_model_module(model).Model, "from_pretrained"):
+        pytest.skip(f"{model}.py has no Hugging Face interop (test_models_without_hugging_face_interop_refuse_it_in_one_line)")
     EVERY_MODEL[model]["build"]().save_pretrained(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):

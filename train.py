@@ -606,6 +606,9 @@ def configure(argv):
 
 def load_pretrained(module, path):
     """A local Hugging Face directory into the model file's Model; whatever goes wrong is one line naming it."""
+    if not hasattr(module.Model, "from_pretrained"):
+        raise ConfigError(f"{module.__name__}.py has no Hugging Face interop (no Model.from_pretrained), so "
+                          f"init_from={path!r} cannot load; use scratch or resume")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"init_from={path!r} is neither scratch, resume, nor a Hugging Face model directory with a "
                           f"config.json")
