@@ -3333,6 +3333,16 @@ def test_speedrun_default_fits_in_nanogpts_parameter_count():
     assert model.flops_per_token(128) == 6 * (n - 256 * 128) + 12 * 4 * 128 * 128
 
 
+def test_speedrun_config_file_trains_the_recipe(tmp_path):
+    """config/speedrun.py picks speedrun.py, Muon and byte tokens at T=128; two iterations of it train."""
+    rows = run_train(os.path.join(ROOT, "config", "speedrun.py"), "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+                     "--sample_tokens=0", "--batch_size=2", out_dir=str(tmp_path), base=[])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "speedrun" and ckpt["train_config"]["optimizer"] == "muon"
+    assert ckpt["train_config"]["block_size"] == 128 and ckpt["tokenizer"] == "byte" and "muon" in ckpt["optimizer_state"]
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2]
+
+
 def test_models_without_hugging_face_interop_refuse_it_in_one_line(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
