@@ -28,6 +28,9 @@ def run(argv):
         return
     ckpt = load_checkpoint(cfg.out_dir)
     model = model_from_checkpoint(ckpt, load_model_module(ckpt["model_name"]), cfg.out_dir)
+    if not hasattr(model, "save_pretrained"):
+        raise ConfigError(f"{ckpt['model_name']}.py has no Hugging Face interop (no save_pretrained), so there is "
+                          f"nothing to export; {ckpt['path']} is the model: python sample.py --out_dir={cfg.out_dir}")
     hf_dir = cfg.hf_dir or os.path.join(cfg.out_dir, "hf")
     try:
         model.save_pretrained(hf_dir)

@@ -32,6 +32,7 @@ import llama  # noqa: E402
 import mamba  # noqa: E402
 import mla  # noqa: E402
 import moe  # noqa: E402
+import speedrun  # noqa: E402
 import train  # noqa: E402
 import vlm  # noqa: E402
 from export import main as export_main  # noqa: E402
@@ -639,6 +640,10 @@ def test_bad_data_gives_one_clear_line(tmp_path, capsys, content, message):
     (["--fsdp=True"], "--fsdp=True needs several processes: launch with torchrun"),
     (["--kernels=cublas"], "kernels='cublas' is not one of auto, triton, torch, cuda"),
     (["--kernels=triton", "--device=cpu"], "kernels=triton runs Triton kernels, which need a CUDA device.*--kernels=auto"),
+    (["--optimizer=sgd"], "optimizer='sgd' is not one of adamw, muon; e.g. --optimizer=adamw"),
+    (["--muon_momentum=1"], "muon_momentum=1.0 must be in \\[0, 1\\)"),
+    (["--optimizer=muon", "--fsdp=True"], "optimizer=muon cannot run with --fsdp=True: Newton-Schulz needs each whole matrix"),
+    (["--optimizer=muon", "--tp=2"], "optimizer=muon cannot run with --tp=2: .*use DDP"),
 ])
 def test_bad_config_gives_one_clear_line(tmp_path, capsys, args, message):
     code, out = run_main(capsys, "--tokenizer=byte", f"--out_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}", *args)
@@ -675,6 +680,8 @@ def test_resume_refuses_another_model_or_a_contradicting_config(tmp_path, capsys
     assert code == 1 and f"holds a gpt2 model, not {other}" in out, out
     code, out = run_main(capsys, "--init_from=resume", f"--out_dir={tmp_path}", "--n_layer=3")
     assert code == 1 and "trained with n_layer=2, not 3" in out, out
+    code, out = run_main(capsys, "--init_from=resume", f"--out_dir={tmp_path}", "--optimizer=muon")
+    assert code == 1 and "trained with optimizer='adamw', not 'muon'" in out, out
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "not a checkpoint", "other parameter names", "other config keys"])
@@ -911,6 +918,87 @@ def test_peak_flops_table_and_lr_schedule(monkeypatch):
     assert train.lr_at(110, cfg) == pytest.approx(0.1) and train.lr_at(500, cfg) == pytest.approx(0.1)
 
 
+# ------------------------------------------------------------------------------------- --optimizer=muon
+
+def newton_schulz_reference(G, steps=5, a=3.4445, b=-4.7750, c=2.0315):
+    """Keller Jordan's quintic Newton-Schulz iteration in float64: X = G / ||G||_F turned wide, then
+    X <- a X + (b A + c A^2) X with A = X X^T, steps times, turned back."""
+    X = G.double()
+    tall = X.shape[0] > X.shape[1]
+    X = X.T if tall else X
+    X = X / X.norm()
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+def test_muon_step_is_orthogonalised_nesterov_momentum():
+    """Two Muon steps on a tall and a wide matrix of a tiny llama, against the formula: buf = mu buf + g,
+    update = NS5(g + mu buf) (Nesterov), w -= muon_lr * sqrt(max(1, rows / cols)) * update. torch runs the iteration
+    in bfloat16, hence the tolerance; without Nesterov, the wrong scale or the wrong coefficients it is far off. The
+    update's singular values lie in the band the quintic leaves after 5 steps (about 0.68 to 1.13 for a
+    well-conditioned matrix): orthogonal up to that spread."""
+    model = tiny_llama()
+    cfg = train.TrainConfig(optimizer="muon", muon_lr=0.02, muon_momentum=0.9, learning_rate=1e-3)
+    opt = train.make_optimizer(model, cfg)
+    params = dict(model.named_parameters())
+    names = {"transformer.h.0.mlp.gate_proj.weight": 3 ** 0.5, "transformer.h.1.mlp.down_proj.weight": 1.0}
+    assert [tuple(params[n].shape) for n in names] == [(192, 64), (64, 192)]  # rows / cols = 3, then 1/3
+    generator = torch.Generator().manual_seed(0)
+    buf = {n: 0 for n in names}
+    for _ in range(2):
+        grads = {n: torch.randn(p.shape, generator=generator) for n, p in params.items()}
+        before = {n: params[n].detach().clone() for n in names}
+        for n, p in params.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n, scale in names.items():
+            buf[n] = cfg.muon_momentum * buf[n] + grads[n]
+            orthogonal = newton_schulz_reference(grads[n] + cfg.muon_momentum * buf[n])
+            step = (params[n].detach() - before[n]).double() / (-cfg.muon_lr * scale)
+            assert (step - orthogonal).norm() / orthogonal.norm() < 0.03, n
+            singular = torch.linalg.svdvals(step)
+            assert singular.min() > 0.66 and singular.max() < 1.15, (n, singular.min(), singular.max())
+
+
+@pytest.mark.parametrize("model, muon, decay, no_decay", [
+    ("gpt2", ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+     ["transformer.wte.weight", "transformer.wpe.weight"],  # the head is tied to wte: one tensor
+     ["ln_1.weight", "ln_1.bias", "attn.c_q.bias", "attn.c_k.bias", "attn.c_v.bias", "attn.c_proj.bias", "ln_2.weight",
+      "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"]),
+    ("llama", ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                  "mlp.down_proj"], ["transformer.wte.weight", "lm_head.weight"], ["ln_1.weight", "ln_2.weight"]),
+])
+def test_muon_trains_the_blocks_matrices_and_adamw_the_rest(model, muon, decay, no_decay):
+    model, gpt2_like = (tiny_gpt2(), True) if model == "gpt2" else (tiny_llama(), False)
+    cfg = train.TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)
+    opt = train.make_optimizer(model, cfg)
+    name = {id(p): n for n, p in model.named_parameters()}
+    groups = [[name[id(p)] for p in g["params"]] for g in opt.param_groups]  # Muon's, then AdamW's decay and no-decay
+    blocks = lambda suffixes, end: [f"transformer.h.{i}.{s}{end}" for i in range(2) for s in suffixes]
+    assert groups == [blocks(muon, ".weight"), decay, blocks(no_decay, "") + ["transformer.ln_f.weight"]
+                      + (["transformer.ln_f.bias"] if gpt2_like else [])]
+    assert isinstance(opt.optimizers["muon"], torch.optim.Muon) and isinstance(opt.optimizers["adamw"], torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, cfg.weight_decay, 0.0]
+    # the schedule scales every group alike: Muon's peaks at muon_lr, AdamW's at learning_rate
+    assert [train.group_lr(g, 5e-4, cfg) for g in opt.param_groups] == pytest.approx([0.01, 5e-4, 5e-4])
+    assert isinstance(train.make_optimizer(model, train.TrainConfig()), torch.optim.AdamW)  # the default: AdamW alone
+
+
+def test_muon_resume_is_bit_identical(tmp_path):
+    """As test_resume_is_bit_identical, with Muon: its momentum buffers go into the checkpoint and come back."""
+    common = ["--model=llama", "--optimizer=muon", "--lr_decay_iters=12", "--eval_interval=3", "--dropout=0.1"]
+    whole = run_train(*common, "--max_iters=12", out_dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"))
+    run_train(*common, "--max_iters=6", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["optimizer_state"]
+    assert len(state["muon"]["state"]) == 4 * 7 and all("momentum_buffer" in s for s in state["muon"]["state"].values())
+    resumed = run_train("--init_from=resume", "--max_iters=12", out_dir=str(tmp_path / "b"), cache_dir=str(tmp_path / "c"))
+    losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"], r["lr"]) for r in rows if "loss" in r]
+    assert len(losses(whole)) == 12 and losses(resumed) == losses(whole)
+    assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in whole if "val_loss" in r]
+
+
 
 # ------------------------------------------------------------------------------------- distributed (gloo, 2 CPU processes)
 
@@ -960,6 +1048,17 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(single_process_run
     ddp, ref = torch.load(tmp_path / "ckpt.pt"), torch.load(single_process_run / "ckpt.pt")
     for k, v in ref["model_state"].items():  # the weights after 6 steps: every gradient went into them
         torch.testing.assert_close(ddp["model_state"][k], v, atol=1e-5, rtol=0)
+
+
+def test_ddp_with_muon_equals_one_process(tmp_path):
+    """Every rank runs Muon on the same all-reduced gradients: 2 ranks x 4 train as 1 process x 8. Newton-Schulz runs
+    in bfloat16, which turns the all-reduce's float32 rounding (1e-7) into differences of bfloat16's size in a few
+    entries of an update, hence 1e-4 here (measured: 1e-5 in the loss, 7e-5 relative in the gradient norm)."""
+    args = [*DIST_RUN[len(TINY_RUN):], "--optimizer=muon", "--max_iters=4"]
+    run_train(*args, "--batch_size=8", out_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "c"))
+    code, out = torchrun(*TINY_RUN, *args, "--batch_size=4", f"--out_dir={tmp_path / 'ddp'}", f"--cache_dir={tmp_path / 'c'}")
+    assert code == 0, out
+    assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"), tol=1e-4)
 
 
 # ------------------------------------------------------------------------------------- llama.py
@@ -3132,6 +3231,145 @@ def test_jepa_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone():
     assert dataclasses.asdict(model.config) == before
 
 
+# ------------------------------------------------------------------------------------- speedrun.py
+# Tests of speedrun.py against formulas written here: the soft cap, QK-norm, ReLU², the identity blocks at init, and
+# the value-embedding and U-net wiring against a forward spelled out layer by layer. It has no Hugging Face
+# counterpart.
+
+def tiny_speedrun(**overrides):
+    """A small random speedrun.Model: 2 layers, vocab 96, block_size 64. The zero-init projections and head, and the
+    constant scalars, are randomized: at init every block is the identity, and a decode test would see nothing."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=64, intermediate_size=96)
+    return randomize_constant_params(speedrun.Model(speedrun.Config(**{**config, **overrides})))
+
+
+def rms(x, eps=1e-5):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_speedrun_soft_cap_is_cap_tanh_of_the_logits():
+    """The same weights with softcap=15 and softcap=0 (the raw logits): capped = 15 tanh(raw / 15), in the logits and
+    in the loss of both forward paths (need_logits=False takes the fused head + loss only without the cap)."""
+    model = tiny_speedrun()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # logits past the cap, so it bends them
+    raw_model = speedrun.Model(dataclasses.replace(model.config, softcap=0.0))
+    raw_model.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        raw, raw_loss = raw_model(idx, idx)
+        capped, loss = model(idx, idx)
+        _, fused_loss = model(idx, idx, need_logits=False)
+        _, raw_fused_loss = raw_model(idx, idx, need_logits=False)
+    assert raw.abs().max() > 30 and capped.abs().max() <= 15
+    torch.testing.assert_close(capped, 15 * torch.tanh(raw / 15), atol=1e-5, rtol=0)
+    expected = F.cross_entropy((15 * torch.tanh(raw / 15)).flatten(0, 1), idx.flatten())
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused_loss, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw_fused_loss, raw_loss, atol=1e-5, rtol=0)
+
+
+def test_speedrun_qk_norm_is_rms_of_each_head():
+    """q_norm and k_norm divide each head's vector by its RMS (no gain); the attention is then blind to the scale
+    of c_q and c_k (without QK-norm, x7 and x0.5 would change it; eps makes it not exact)."""
+    model = tiny_speedrun()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 16, 4, 16) * 3
+    torch.testing.assert_close(attn.q_norm(x), rms(x), atol=1e-5, rtol=0)
+    assert not list(attn.q_norm.parameters()) and not list(attn.k_norm.parameters())
+    h = torch.randn(2, 16, 64)
+    cos, sin = model.rope_cos[:16, None], model.rope_sin[:16, None]
+    with torch.no_grad():
+        before = attn(h, cos, sin)
+        attn.c_q.weight.mul_(7)
+        attn.c_k.weight.mul_(0.5)
+        after = attn(h, cos, sin)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+
+
+def test_speedrun_mlp_is_relu_squared():
+    mlp = tiny_speedrun().transformer.h[0].mlp
+    x = torch.randn(3, 5, 64)
+    hidden = x @ mlp.c_fc.weight.T
+    expected = (torch.where(hidden > 0, hidden, 0.0) ** 2) @ mlp.c_proj.weight.T
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(value_embeds=2, unet=True)])
+def test_speedrun_blocks_are_the_identity_at_init(overrides):
+    """attn.c_proj, mlp.c_proj and the head start at zero: every block returns its input, and the model predicts
+    the uniform distribution, loss ln(vocab_size)."""
+    torch.manual_seed(0)
+    model = speedrun.Model(speedrun.Config(vocab_size=96, n_layer=4, **overrides))
+    idx = torch.randint(0, 96, (2, 16))
+    x = torch.randn(2, 16, 128)
+    cos, sin = model.rope_cos[:16, None], model.rope_sin[:16, None]
+    with torch.no_grad():
+        for i, block in enumerate(model.transformer.h):
+            ve = model.transformer.ve[model.ve_table[i]](idx) if model.ve_table[i] is not None else None
+            assert torch.equal(block(x, cos, sin, ve), x), i
+        logits, loss = model(idx, idx)
+    assert torch.equal(logits, torch.zeros_like(logits)) and loss.item() == pytest.approx(math.log(96), abs=1e-6)
+
+
+def test_speedrun_value_embeddings_and_unet_skips_spelled_out():
+    """n_layer=4, value_embeds=2, unet: layers 0 and 3 mix table 0 into their values, layers 1 and 2 table 1
+    (mirrored); layer 2 adds skip_weights[0] * layer 1's output to its input, layer 3 skip_weights[1] * layer 0's.
+    The model's forward against that wiring written out, each block called by hand."""
+    model = tiny_speedrun(n_layer=4, value_embeds=2, unet=True)
+    assert model.ve_table == [0, 1, 1, 0]
+    assert speedrun.Model(speedrun.Config(n_layer=5, value_embeds=2)).ve_table == [0, 1, None, 1, 0]
+    idx = torch.randint(0, 96, (2, 16))
+    cos, sin = model.rope_cos[:16, None], model.rope_sin[:16, None]
+    h, w = model.transformer.h, model.skip_weights
+    with torch.no_grad():
+        ve0, ve1 = model.transformer.ve[0](idx), model.transformer.ve[1](idx)
+        x = rms(model.transformer.wte(idx))
+        out0 = h[0](x, cos, sin, ve0)
+        out1 = h[1](out0, cos, sin, ve1)
+        out2 = h[2](out1 + w[0] * out1, cos, sin, ve1)
+        out3 = h[3](out2 + w[1] * out0, cos, sin, ve0)
+        expected = 15 * torch.tanh(model.lm_head(rms(out3)) / 15)
+        logits, _ = model(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(w, torch.ones_like(w))  # randomized: a swapped pair of weights would show
+
+
+def test_speedrun_default_fits_in_nanogpts_parameter_count():
+    """The default model (4x128, untied head, vocab 256) has no more parameters than nanoGPT's 4x128 byte-level
+    GPT-2 (biases, learned positions for 128 tokens, tied head), counted with every embedding."""
+    nanogpt = gpt2.Model(gpt2.Config(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128, bias=True))
+    model = speedrun.Model(speedrun.Config(vocab_size=256, block_size=128))
+    n = sum(p.numel() for p in model.parameters())
+    assert n <= sum(p.numel() for p in nanogpt.parameters()) == 842_496
+    c = model.config
+    assert n == 2 * 256 * 128 + 4 * (4 * 128 * 128 + 2 * 128 * c.intermediate_size)
+    assert model.flops_per_token(128) == 6 * (n - 256 * 128) + 12 * 4 * 128 * 128
+
+
+def test_speedrun_config_file_trains_the_recipe(tmp_path):
+    """config/speedrun.py picks speedrun.py, Muon and byte tokens at T=128; two iterations of it train."""
+    rows = run_train(os.path.join(ROOT, "config", "speedrun.py"), "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+                     "--sample_tokens=0", "--batch_size=2", out_dir=str(tmp_path), base=[])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "speedrun" and ckpt["train_config"]["optimizer"] == "muon"
+    assert ckpt["train_config"]["block_size"] == 128 and ckpt["tokenizer"] == "byte" and "muon" in ckpt["optimizer_state"]
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2]
+
+
+def test_models_without_hugging_face_interop_refuse_it_in_one_line(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    code, out = run_main(capsys, *TINY_RUN, "--model=speedrun", f"--init_from={tmp_path / 'hf'}", f"--out_dir={tmp_path}")
+    assert code == 1 and "error: speedrun.py has no Hugging Face interop (no Model.from_pretrained)" in out, out
+    run_train("--model=speedrun", "--max_iters=1", "--n_layer=1", out_dir=str(tmp_path / "run"))
+    code, out = run_main(capsys, f"--out_dir={tmp_path / 'run'}", main=export_main)
+    assert code == 1 and "error: speedrun.py has no Hugging Face interop (no save_pretrained)" in out, out
+    assert "Traceback" not in out and not os.path.exists(tmp_path / "run" / "hf")
+
+
 # ===================================================================================== every model file, one table
 # The tests that hold for every model file, parametrized over one table: a new model file gets all of them by adding
 # its row. A row: `build`, a tiny random gaia model; `hf`, a tiny random transformers model of the same architecture
@@ -3155,6 +3393,7 @@ MODEL_TABLE = {
     "mamba": dict(build=lambda: tiny_mamba(variant="mamba2"), hf=hf_mamba2, tp=None),
     "mla": dict(build=tiny_mla, hf=hf_deepseek, tp=[]),
     "moe": dict(build=tiny_moe, hf=lambda: hf_mixtral(4, 2, 2), tp=["--n_kv_head=2", "--qk_norm=True"]),
+    "speedrun": dict(build=lambda: tiny_speedrun(value_embeds=1, unet=True), hf=None, tp=None),
 }
 
 
@@ -3200,12 +3439,16 @@ def test_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone(model):
 @pytest.mark.parametrize("model", TEXT_MODELS)
 def test_hugging_face_round_trip(model, tmp_path):
     """transformers' model -> gaia (sharded safetensors) -> the same logits -> gaia's save_pretrained -> transformers."""
+    if MODEL_TABLE[model]["hf"] is None:
+        pytest.skip(f"{model}.py has no Hugging Face interop (no transformers architecture to compare with)")
     hf = MODEL_TABLE[model]["hf"]()
     hf_roundtrip(train.load_model_module(model), hf, tmp_path, hf.config.vocab_size, max_shard_size="20KB")
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_directory_without_weights_says_so(model, tmp_path):
+    if not hasattr(train.load_model_module(model).Model, "from_pretrained"):
+        pytest.skip(f"{model}.py has no Hugging Face interop (test_models_without_hugging_face_interop_refuse_it_in_one_line)")
     EVERY_MODEL[model]["build"]().save_pretrained(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):

@@ -36,6 +36,7 @@ from data import Batches, DataError, get_tokenizer, load_splits
 from distributed import DistributedError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -59,6 +60,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0           # 0 = no clipping
+    optimizer: str = "adamw"         # adamw | muon (Muon for the blocks' matrices, AdamW for the rest: make_optimizer)
+    muon_lr: float = 0.02            # Muon's peak lr; the schedule scales it as it scales learning_rate
+    muon_momentum: float = 0.95      # Muon's Nesterov momentum
+    muon_weight_decay: float = 0.0   # Muon's decoupled weight decay (each step: w -= lr * muon_weight_decay * w)
     eval_interval: int = 200
     eval_iters: int = 10
     log_interval: int = 50
@@ -96,6 +101,10 @@ class TrainConfig:
             "beta1": (0 <= self.beta1 < 1, "must be in [0, 1)"),
             "beta2": (0 <= self.beta2 < 1, "must be in [0, 1)"),
             "grad_clip": (self.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+            "optimizer": (self.optimizer in OPTIMIZERS, f"is not one of {', '.join(OPTIMIZERS)}"),
+            "muon_lr": (self.muon_lr > 0, "must be > 0"),
+            "muon_momentum": (0 <= self.muon_momentum < 1, "must be in [0, 1)"),
+            "muon_weight_decay": (self.muon_weight_decay >= 0, "must be >= 0"),
             "eval_interval": (self.eval_interval >= 1, "must be >= 1"),
             "eval_iters": (self.eval_iters >= 1, "must be >= 1"),
             "log_interval": (self.log_interval >= 1, "must be >= 1"),
@@ -107,6 +116,10 @@ class TrainConfig:
             **device_rules(self),
             **sampling_rules(self),
         })
+        if self.optimizer == "muon" and (self.fsdp or self.tp > 1):
+            raise ConfigError(f"optimizer=muon cannot run with {'--fsdp=True' if self.fsdp else f'--tp={self.tp}'}: "
+                              f"Newton-Schulz needs each whole matrix, and sharded (DTensor) parameters hold a slice; "
+                              f"use DDP (torchrun without --tp/--fsdp), or --optimizer=adamw")
 
 
 def device_rules(cfg):
@@ -357,19 +370,70 @@ def lr_at(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def muon_parameters(model):
+    """The names of the matrices Muon trains: the weight of every nn.Linear inside the blocks (a module path through
+    an `h` list: transformer.h.0.attn.q_proj). Not the embeddings, not lm_head, not norms, biases or other tensors
+    (Keller Jordan: Muon is for the hidden layers' matrices; the input and output layers keep AdamW)."""
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "h" in name.split(".")}
+
+
 def make_optimizer(model, cfg, fused=True):
     """AdamW; matrices (and embeddings) decay, biases and norm gains do not. Fused kernel where supported
-    (not for sharded DTensor parameters: the foreach kernel is the one tested with them)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    (not for sharded DTensor parameters: the foreach kernel is the one tested with them).
+    optimizer=muon: torch.optim.Muon for muon_parameters (Nesterov momentum, then 5 Newton-Schulz steps that
+    orthogonalise the update, scaled by sqrt(max(1, rows / cols))), AdamW for the rest, stepped as one."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = muon_parameters(model) if cfg.optimizer == "muon" else set()
+    params = [p for n, p in named if n not in hidden]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    adamw = None
     if fused:
         try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
+            adamw = torch.optim.AdamW(groups, fused=True, **kwargs)
         except (RuntimeError, TypeError, ValueError):  # this device or dtype has no fused AdamW
             pass
-    return torch.optim.AdamW(groups, **kwargs)
+    adamw = adamw or torch.optim.AdamW(groups, **kwargs)
+    if not hidden:
+        return adamw
+    # muon=True marks the group whose lr follows the schedule scaled to muon_lr (group_lr)
+    muon = torch.optim.Muon([{"params": [p for n, p in named if n in hidden], "muon": True}], lr=cfg.muon_lr,
+                            momentum=cfg.muon_momentum, nesterov=True, weight_decay=cfg.muon_weight_decay)
+    return MuonAdamW(muon, adamw)
+
+
+class MuonAdamW:
+    """torch.optim.Muon and torch.optim.AdamW as one optimizer for the loop, GradScaler and checkpoints: param_groups
+    lists both, step and zero_grad do both, state_dict holds both."""
+
+    def __init__(self, muon, adamw):
+        self.optimizers = {"muon": muon, "adamw": adamw}
+
+    @property
+    def param_groups(self):
+        return [group for o in self.optimizers.values() for group in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers.values():
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {name: o.state_dict() for name, o in self.optimizers.items()}
+
+    def load_state_dict(self, state):
+        for name, o in self.optimizers.items():
+            o.load_state_dict(state[name])
+
+
+def group_lr(group, lr, cfg):
+    """A param group's lr at the schedule's lr (lr_at, which runs from learning_rate): AdamW's groups take it as it
+    is, Muon's the same curve scaled to peak at muon_lr."""
+    return lr * cfg.muon_lr / cfg.learning_rate if group.get("muon") else lr
 
 
 # ------------------------------------------------------------------------------------- metrics and dashboard
@@ -517,9 +581,9 @@ def configure(argv):
                               f"load_splits), not on tokenized text; drop --{meaningless[0]} (from the command line or "
                               f"config file)")
     if ckpt is not None:  # a resumed run continues the stored one, except for what the user sets now
-        stored = {**ckpt["train_config"], **ckpt["model_config"]}
-        # what the weights are, and what the token ids mean, cannot change mid-run
-        for k in explicit & (set(ckpt["model_config"]) | {"tokenizer"}) - {"dropout", "block_size", "vocab_size"}:
+        stored = {"optimizer": "adamw", **ckpt["train_config"], **ckpt["model_config"]}  # older checkpoints: AdamW
+        # what the weights are, what the token ids mean, and whose state the optimizer holds cannot change mid-run
+        for k in explicit & (set(ckpt["model_config"]) | {"tokenizer", "optimizer"}) - {"dropout", "block_size", "vocab_size"}:
             if values[k] != stored[k]:
                 raise TrainingError(f"{out_dir}/ckpt.pt was trained with {k}={stored[k]!r}, not {values[k]!r}; "
                                     f"drop --{k} to resume it, or start a new run in another --out_dir")
@@ -542,6 +606,9 @@ def configure(argv):
 
 def load_pretrained(module, path):
     """A local Hugging Face directory into the model file's Model; whatever goes wrong is one line naming it."""
+    if not hasattr(module.Model, "from_pretrained"):
+        raise ConfigError(f"{module.__name__}.py has no Hugging Face interop (no Model.from_pretrained), so "
+                          f"init_from={path!r} cannot load; use scratch or resume")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"init_from={path!r} is neither scratch, resume, nor a Hugging Face model directory with a "
                           f"config.json")
@@ -843,7 +910,7 @@ def train(argv):
                 (torch.cuda.cudart().cudaProfilerStart if iter_num == profile_start else torch.cuda.cudart().cudaProfilerStop)()
             lr = lr_at(iter_num, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group_lr(group, lr, cfg)
             for micro in range(cfg.gradient_accumulation_steps):
                 last = micro == cfg.gradient_accumulation_steps - 1
                 with distributed.no_grad_sync(model, last):
