@@ -25,7 +25,6 @@ torch.compile traces (it writes its own fused kernels from the plain ops).
 import functools
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -168,12 +167,11 @@ def swiglu_torch(gate, up):
 
 
 def gelu_tanh_torch(x):
-    """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). fp32 on the CPU: GELUTanhC (one C loop each
-    way, below the C fence) where a C compiler built it, else GELUTanhCPU below. Elsewhere (GPUs, bf16/fp16,
-    torch.compile) ATen's tanh GELU: one fused kernel on GPUs, what torch.compile fuses best, and float32 math
-    inside for bf16/fp16 inputs."""
+    """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). fp32 on the CPU: GELUTanhCPU below.
+    Elsewhere (GPUs, bf16/fp16, torch.compile) ATen's tanh GELU: one fused kernel on GPUs, what torch.compile
+    fuses best, and float32 math inside for bf16/fp16 inputs."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-        return GELUTanhC.apply(x) if gelu_library() is not None else GELUTanhCPU.apply(x)
+        return GELUTanhCPU.apply(x)
     return F.gelu(x, approximate="tanh")
 
 
@@ -1273,107 +1271,3 @@ def rms_norm_cuda(x, weight, eps):
     """weight * (x32 * rsqrt(mean(x32^2) + eps)).type_as(x) for x (..., C) fp32/fp16/bf16 on a CUDA GPU, weight (C,);
     output dtype promote_types(weight.dtype, x.dtype); grads for x and weight from the CUDA backward."""
     return RMSNormCUDA.apply(x, weight, eps)
-
-
-# === C: GPT-2's GELU on the CPU, one pass each way ===
-# ATen has no fast fused tanh GELU on the CPU (its tanh is slow, and GELUTanhCPU above makes 4 passes over memory
-# forward and 6 backward); this loop makes one each way, which the compiler vectorizes (exp included, through
-# glibc's vector math). Built on first use with the system's C compiler for this CPU (-march=native, well under a
-# second) into ~/.cache/gaia, keyed by source, flags and CPU; on Linux only, and GELUTanhCPU runs where it fails.
-
-GELU_C = r"""
-#include <math.h>
-#define A 1.5957691216057308f  /* 2 sqrt(2/pi): sigmoid(u) = 0.5 (1 + tanh(u / 2)), u = A x (1 + C x^2) */
-#define C 0.044715f
-/* e = exp(-u) from x clamped to |x| <= 9: there |u| <= 67, so e and every product below stay finite in any order
-   (-ffast-math may reorder them, and assumes no inf), and beyond it sigmoid(u) is 0 or 1 in float32 anyway.
-   s = 1 / (1 + e); s (1 - s) = e s^2, without cancellation. */
-void gelu_forward(const float *x, float *y, float *s, long n) {
-    for (long i = 0; i < n; i++) {
-        float xc = fminf(fmaxf(x[i], -9.0f), 9.0f);
-        s[i] = 1.0f / (1.0f + expf(-A * xc * (1.0f + C * xc * xc)));
-        y[i] = (x[i] > 9.0f ? x[i] : xc) * s[i];  /* x s, with s exactly 1 above 9; below -9, about 0 */
-    }
-}
-void gelu_backward(const float *x, const float *s, const float *g, float *dx, long n) {
-    for (long i = 0; i < n; i++) {  /* d/dx [x s(u)] = s + x s (1 - s) u', u' = A (1 + 3 C x^2) */
-        float xc = fminf(fmaxf(x[i], -9.0f), 9.0f), e = expf(-A * xc * (1.0f + C * xc * xc));
-        dx[i] = g[i] * (s[i] + xc * e * s[i] * s[i] * A * (1.0f + 3.0f * C * xc * xc));
-    }
-}
-"""
-
-
-@functools.cache
-def gelu_library():
-    """GELU_C compiled and loaded with ctypes, or None where it cannot be (not Linux, no C compiler)."""
-    import ctypes
-    import hashlib
-    import platform
-    import shutil
-    import subprocess
-    import tempfile
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if sys.platform != "linux" or compiler is None:
-        return None
-    flags = ["-O3", "-ffast-math", "-mcpu=native" if platform.machine() == "aarch64" else "-march=native",
-             "-shared", "-fPIC"]
-    with open("/proc/cpuinfo") as f:  # -march=native code is for this CPU only: a shared cache keeps one per CPU
-        cpu = "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
-    key = hashlib.sha256("\n".join([GELU_C, compiler, *flags, cpu]).encode()).hexdigest()[:16]
-    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gaia")
-    path = os.path.join(folder, f"gelu_{key}.so")
-    if not os.path.exists(path):
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                with open(os.path.join(tmp, "gelu.c"), "w") as f:
-                    f.write(GELU_C)
-                subprocess.run([compiler, *flags, "gelu.c", "-o", "gelu.so", "-lm"], cwd=tmp, check=True,
-                               capture_output=True, timeout=120)
-                os.replace(os.path.join(tmp, "gelu.so"), path)  # atomic: a parallel rank never loads half a file
-        except (OSError, subprocess.SubprocessError):
-            return None
-    lib = ctypes.CDLL(path)
-    for fn, n_pointers in ((lib.gelu_forward, 3), (lib.gelu_backward, 4)):
-        fn.argtypes, fn.restype = [ctypes.c_void_p] * n_pointers + [ctypes.c_long], None
-    return lib
-
-
-@functools.cache
-def _threads(n):
-    from concurrent.futures import ThreadPoolExecutor
-    return ThreadPoolExecutor(n)
-
-
-def _run_split(fn, *tensors):
-    """fn(pointers of tensors..., count) over their float32 elements, split across torch's CPU threads (ctypes lets
-    go of the GIL during the call)."""
-    n = tensors[0].numel()
-    parts = max(1, min(torch.get_num_threads(), n // 2**16))
-    step = -(-n // parts)
-    run = lambda start: fn(*(t.data_ptr() + 4 * start for t in tensors), min(step, n - start))  # noqa: E731
-    if parts == 1:
-        run(0)
-    else:
-        list(_threads(parts).map(run, range(0, n, step)))
-
-
-class GELUTanhC(torch.autograd.Function):
-    """GELUTanhCPU's math, one C loop each way (GELU_C); saves x and s = sigmoid(u)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.contiguous()
-        y, s = torch.empty_like(x), torch.empty_like(x)
-        _run_split(gelu_library().gelu_forward, x, y, s)
-        ctx.save_for_backward(x, s)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, s = ctx.saved_tensors
-        dx = torch.empty_like(x)
-        _run_split(gelu_library().gelu_backward, x, s, grad.contiguous(), dx)
-        return dx
