@@ -1036,12 +1036,13 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(single_process_run
 def test_ddp_with_muon_equals_one_process(tmp_path):
     """Every rank runs Muon on the same all-reduced gradients: 2 ranks x 4 train as 1 process x 8. Newton-Schulz runs
     in bfloat16, which turns the all-reduce's float32 rounding (1e-7) into differences of bfloat16's size in a few
-    entries of an update, hence 1e-4 here (measured: 1e-5 in the loss, 7e-5 relative in the gradient norm)."""
+    entries of an update, hence 1e-3 here (measured: up to 1.4e-5 in the loss, 1.3e-4 relative in the gradient norm;
+    a half batch instead of the whole differs by 2.6e-2 in the loss and 4e-2 relative at the first step)."""
     args = [*DIST_RUN[len(TINY_RUN):], "--optimizer=muon", "--max_iters=4"]
     run_train(*args, "--batch_size=8", out_dir=str(tmp_path / "one"), cache_dir=str(tmp_path / "c"))
     code, out = torchrun(*TINY_RUN, *args, "--batch_size=4", f"--out_dir={tmp_path / 'ddp'}", f"--cache_dir={tmp_path / 'c'}")
     assert code == 0, out
-    assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"), tol=1e-4)
+    assert_same_curve(curve(tmp_path / "ddp"), curve(tmp_path / "one"), tol=1e-3)
 
 
 # ------------------------------------------------------------------------------------- llama.py
