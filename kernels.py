@@ -6,10 +6,10 @@ passes over memory. One more op, RMSNorm, is also written in CUDA C++ (built on 
     op                      torch path (the definition)          Triton path                     model files
     rms_norm                x / rms(x) * weight, fp32 stats      one row per program             llama moe mla mamba
     layer_norm              (x - mean) / std * weight + bias     one row per program             gpt2
-    rope                    x cos + rotate_half(x) sin           q and k in one launch           llama moe mla
+    rope                    x cos + rotate_half(x) sin           q and k in one launch           llama moe mla speedrun
     swiglu                  silu(gate) * up                      elementwise                     llama moe mla
     gelu_tanh               GPT-2's tanh GELU                    elementwise                     gpt2
-    attention               softmax(q k^T / sqrt(d)) v (SDPA)    flash attention, GQA            gpt2 llama moe mla
+    attention               softmax(q k^T / sqrt(d)) v (SDPA)    flash attention, GQA            gpt2 llama moe mla speedrun
     linear_cross_entropy    the LM head + loss, chunked          the softmax/CE of each chunk    gpt2 llama moe mla mamba
     linear_scan             h_t = a_t h_{t-1} + b_t              one sequential loop per lane    mamba (Mamba-1)
 

@@ -1029,8 +1029,12 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(single_process_run
     for (it, train_a, val_a), (_, train_b, val_b) in zip(val(tmp_path), val(single_process_run)):
         assert train_a == pytest.approx(train_b, abs=1e-5) and val_a == pytest.approx(val_b, abs=1e-5), it
     ddp, ref = torch.load(tmp_path / "ckpt.pt"), torch.load(single_process_run / "ckpt.pt")
-    for k, v in ref["model_state"].items():  # the weights after 6 steps: every gradient went into them
-        torch.testing.assert_close(ddp["model_state"][k], v, atol=1e-5, rtol=0)
+    for k, v in ref["model_state"].items():  # the weights after 6 steps: every gradient went into them. AdamW divides
+        # each gradient by its own running scale, so where a gradient is near 0 (a rare token's embedding row; c_k's
+        # bias, which softmax ignores) the all-reduce's float32 rounding moves the weight by up to ~2e-5; a missing
+        # or wrong all-reduce moves most weights by the learning rate's size (3e-3), and the mean difference says so
+        torch.testing.assert_close(ddp["model_state"][k], v, atol=1e-4, rtol=0)
+        assert (ddp["model_state"][k] - v).abs().mean() < 1e-5, k
 
 
 def test_ddp_with_muon_equals_one_process(tmp_path):
