@@ -59,15 +59,17 @@ def backend():
 
 def use_triton(*tensors):
     """Whether the ops take the Triton path for these tensors."""
-    if _backend == "torch" or not HAS_TRITON or torch.compiler.is_compiling():
-        return False
-    if any(isinstance(t, DTensor) for t in tensors):
+    if _backend == "torch" or not HAS_TRITON:
         return False
     on_gpu = all(t.is_cuda for t in tensors)
-    if _backend == "triton" and not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+    if not on_gpu and _backend != "triton":  # CPU tensors under auto: the CPU's training step asks this per op
+        return False
+    if torch.compiler.is_compiling() or any(isinstance(t, DTensor) for t in tensors):
+        return False
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("kernels=triton runs Triton kernels, which need CUDA tensors; on the CPU use --kernels=auto "
                            "(or set TRITON_INTERPRET=1 before starting Python to run them in Triton's interpreter, slowly)")
-    return on_gpu or _backend == "triton"
+    return True
 
 
 set_backend(os.environ.get("GAIA_KERNELS", "auto"))
