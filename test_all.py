@@ -6,6 +6,7 @@ Each test checks behaviour against an independent reference: Hugging Face transf
 same weights, a slow loop written here, or a formula; never against gaia's own output.
 """
 import dataclasses
+import importlib.util
 import inspect
 import json
 import math
@@ -14,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -4267,21 +4269,97 @@ def run_triton_checks(group):
 
 
 @pytest.mark.parametrize("group", sorted(TRITON_CHECKS))
-def test_triton_kernels_equal_torch_paths(group):
+@pytest.mark.interpreted("run_triton_checks({group!r})")
+def test_triton_kernels_equal_torch_paths(group, interpreted):
     """Each op's Triton kernels (forward and backward, in Triton's interpreter on the CPU, in a subprocess) against
     its torch path: outputs and every gradient, fp32 to 1e-5, fp16/bf16 to their stated tolerances, odd shapes and
     small tiles (ragged blocks), non-contiguous inputs, GQA, and the public ops' dispatch to them."""
-    run_interpreted(f"run_triton_checks({group!r})")
+    interpreted()
 
 
-def run_interpreted(call):
-    """test_all.<call> in a new Python with TRITON_INTERPRET=1 set before triton is imported (Triton kernels then run
-    on CPU tensors); fails with its output when it raises."""
+def interpreted_call(item):
+    """The test_all call a test marked @pytest.mark.interpreted(call) runs in Triton's interpreter, its parameters
+    filled in."""
+    marker = item.get_closest_marker("interpreted")
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    return marker.args[0].format(**params) if marker else None
+
+
+def interpreted_worker(out_dir, calls):
+    """Runs in the background process (TRITON_INTERPRET=1): each call in turn, its outcome (ok, or the traceback)
+    written to out_dir/<index>.json as soon as it is known."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before Python starts"
+    import traceback
+    for i, call in enumerate(calls):
+        try:
+            eval(call, globals())
+            outcome = dict(ok=True, error="")
+        except BaseException:  # noqa: BLE001 (an assertion or a crash: reported by the test that asked)
+            outcome = dict(ok=False, error=traceback.format_exc())
+        with open(os.path.join(out_dir, f"{i}.tmp"), "w") as f:
+            json.dump(outcome, f)
+        os.replace(os.path.join(out_dir, f"{i}.tmp"), os.path.join(out_dir, f"{i}.json"))  # whole, or not there
+
+
+def interpreted_env():
+    return dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+
+
+class InterpretedChecks:
+    """Triton's interpreter runs on one core for a couple of minutes in all; the rest of the suite leaves the second
+    core half idle. So the selected interpreted checks start in one background process (one import of torch and
+    triton) when the session starts, and each marked test waits for its own outcome."""
+
+    def __init__(self, calls, out_dir):
+        self.calls, self.out_dir = calls, out_dir
+        with open(os.path.join(out_dir, "calls.json"), "w") as f:
+            json.dump(calls, f)
+        self.log = open(os.path.join(out_dir, "output.txt"), "w")
+        code = f"import json, test_all; test_all.interpreted_worker({out_dir!r}, json.load(open({out_dir!r} + '/calls.json')))"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=interpreted_env(), stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+
+    def outcome(self, call, timeout=900):
+        path = os.path.join(self.out_dir, f"{self.calls.index(call)}.json")
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if self.proc.poll() is not None and not os.path.exists(path):  # died before writing it
+                self.log.flush()
+                return dict(ok=False, error=f"the interpreter's process exited ({self.proc.returncode}) before this "
+                                            f"call's outcome; its output:\n{open(self.log.name).read()[-5000:]}")
+            assert time.monotonic() < deadline, f"{call} gave no outcome in {timeout} s"
+            time.sleep(0.2)
+        with open(path) as f:
+            return json.load(f)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def interpreted_checks(request, tmp_path_factory):
+    calls = [c for c in map(interpreted_call, request.session.items) if c]
+    if not calls or importlib.util.find_spec("triton") is None:
+        yield None
+        return
+    checks = InterpretedChecks(calls, str(tmp_path_factory.mktemp("interpreted")))
+    yield checks
+    checks.close()
+
+
+@pytest.fixture
+def interpreted(request, interpreted_checks):
+    """interpreted(): waits for this test's interpreted call in the background process; fails with its traceback."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", f"import test_all; test_all.{call}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    call = interpreted_call(request.node)
+
+    def check():
+        outcome = interpreted_checks.outcome(call)
+        assert outcome["ok"], f"{call} failed in Triton's interpreter:\n{outcome['error']}"
+    return check
 
 
 # ------------------------------------------------------------------------------------- kernels.py in every model
@@ -4347,11 +4425,12 @@ def triton_check_training(name):
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_MODELS))
-def test_every_model_trains_the_same_with_triton_kernels(name):
+@pytest.mark.interpreted("triton_check_training({name!r})")
+def test_every_model_trains_the_same_with_triton_kernels(name, interpreted):
     """Every text model, 20 steps from one seed with kernels=torch and with the Triton kernels (forward and
     backward, in Triton's interpreter on the CPU, in a subprocess): the same losses within fp32 rounding, and the
     Triton run's graph holds the model's Triton functions (so the dispatch took them)."""
-    run_interpreted(f"triton_check_training({name!r})")
+    interpreted()
 
 
 if __name__ == "__main__":
