@@ -6,6 +6,8 @@ Benchmarks: numbers come from here, never from timed tests. Each prints the comm
     python bench.py decode --model=llama                     # decode tokens/s with and without a KV cache
     python bench.py decode --model=llama --sweep=n_kv_head=8,2,1 --n_head=8 --n_embd=256   # MHA vs GQA vs MQA
     python bench.py cpu-anchor --anchor=PATH/nanogpt_cpu_bench.sh --data=tinyshakespeare.txt   # vs nanoGPT, same shapes
+    python bench.py time-to-loss --anchor=PATH/nanogpt_cpu_bench.sh --data=tinyshakespeare.txt [--ablate]
+                                                             # wall time to nanoGPT's val loss: the speedrun recipe
     python bench.py moe | mamba | mla | gelu [--help]        # a model's own benchmark (benchmarks/*.py), e.g.
                                                              # one layer against transformers' with the same weights
     python bench.py kernels [--ops=rms_norm,attention ...]   # kernels.py's ops: eager vs torch.compile vs Triton
@@ -15,12 +17,16 @@ Model keys (--n_layer=12, --n_kv_head=2, ...) are the model's Config fields, che
 """
 import argparse
 import os
+import pickle
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 
 import configurator
@@ -172,11 +178,12 @@ def bench_decode(args, extra):
           f"{torch.get_num_threads()} threads")
     print(f"  {'variant':<22} {'params':>11} {'cache B/token':>13} {'tok/s cached':>13} {'tok/s no cache':>15}")
     for variant, model, (whole, uncached, prefill) in zip(variants, models, best):
-        cached = whole - prefill
+        cached = whole - prefill  # <= 0 when the machine's noise outweighs a few decode steps: no figure then
         per_token = f"{model.make_cache(1, 1).bytes_per_token:,}"  # 0 for a fixed-size state (Mamba)
         no_cache = f"{args.batch_size * args.no_cache_tokens / uncached:,.1f}" if args.no_cache_tokens else "-"
+        cached_rate = f"{args.batch_size * args.new_tokens / cached:,.1f}" if cached > 0 else "- (noise)"
         print(f"  {(variant[0][2:] if variant else 'default'):<22} {sum(p.numel() for p in model.parameters()):>11,} "
-              f"{per_token:>13} {args.batch_size * args.new_tokens / cached:>13,.1f} {no_cache:>15}")
+              f"{per_token:>13} {cached_rate:>13} {no_cache:>15}")
 
 
 def median_ms(log):
@@ -185,18 +192,27 @@ def median_ms(log):
     return statistics.median(ms)
 
 
-def bench_cpu_anchor(args, extra):
-    """The pinned nanoGPT and gaia's train.py, same shapes (byte vocab, 4 layers, 128 wide, T=128, B=16, fp32,
-    eager), alternated `rounds` times on this machine; the ratio is what to compare across machines."""
-    shapes = ["--model=gpt2", "--tokenizer=byte", "--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=128",
-              "--batch_size=16", "--bias=True", "--dropout=0.0", "--device=cpu", "--dtype=float32", "--compile=False",
-              "--gradient_accumulation_steps=1", "--warmup_iters=10", "--learning_rate=1e-3", "--min_lr=1e-4",
-              "--grad_clip=1.0", "--eval_interval=100000", "--eval_iters=1", "--log_interval=1", "--sample_tokens=0",
-              f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}", f"--data={args.data}"]
+# nanoGPT's CPU anchor (nanogpt_cpu_bench.sh): byte vocab, 4 layers, 128 wide, T=128, B=16, fp32, eager, AdamW 1e-3
+# with 10 warm-up steps and a cosine to 1e-4. nanoGPT's train.py and gaia's take these keys under the same names.
+ANCHOR_SHAPES = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=128", "--batch_size=16", "--bias=True",
+                 "--dropout=0.0", "--device=cpu", "--dtype=float32", "--compile=False", "--gradient_accumulation_steps=1",
+                 "--warmup_iters=10", "--learning_rate=1e-3", "--min_lr=1e-4", "--grad_clip=1.0"]
+
+
+def check_anchor_files(args):
     for key in ("anchor", "data"):
         if not os.path.isfile(getattr(args, key)):
             raise configurator.ConfigError(f"--{key}={getattr(args, key)} is not a file; pass the path of " + (
                 "nanogpt_cpu_bench.sh (the pinned nanoGPT speed script)" if key == "anchor" else "a text file"))
+
+
+def bench_cpu_anchor(args, extra):
+    """The pinned nanoGPT and gaia's train.py, same shapes (ANCHOR_SHAPES), alternated `rounds` times on this
+    machine; the ratio is what to compare across machines."""
+    shapes = ["--model=gpt2", "--tokenizer=byte", *ANCHOR_SHAPES, "--eval_interval=100000", "--eval_iters=1",
+              "--log_interval=1", "--sample_tokens=0", f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters}",
+              f"--data={args.data}"]
+    check_anchor_files(args)
     results = {"nanoGPT": [], "gaia": []}
     for _ in range(args.rounds):
         out = subprocess.run(["bash", args.anchor, args.data, str(args.iters)], capture_output=True, text=True, check=True).stdout
@@ -212,6 +228,106 @@ def bench_cpu_anchor(args, extra):
     print(f"nanoGPT: {nano:.1f} ms/iter ({tok / nano * 1000:,.0f} tokens/s), runs {results['nanoGPT']}")
     print(f"gaia:    {gaia:.1f} ms/iter ({tok / gaia * 1000:,.0f} tokens/s), runs {results['gaia']}")
     print(f"gaia / nanoGPT tokens/s: {nano / gaia:.2f}x (ratio of medians), {paired:.2f}x (median of per-round ratios)")
+
+
+def train_until(command, cwd, target=None):
+    """Runs a training command (nanoGPT's train.py or gaia's: both print `iter k: loss L, time Tms` after each step
+    and `step k: train loss A, val loss V` at each eval, k steps done) and returns (seconds of each step in order,
+    [(k, val loss)]); stops it at the first eval at or under `target`."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    steps, evals, lines = [], [], []
+    for line in proc.stdout:
+        lines.append(line)
+        if m := re.match(r"iter \d+: .*?time ([\d.]+)ms", line):
+            steps.append(float(m[1]) / 1000)
+        elif m := re.match(r"step (\d+): .*val loss ([\d.]+)", line):
+            evals.append((int(m[1]), float(m[2])))
+            if target is not None and evals[-1][1] <= target:
+                proc.kill()
+                break
+    if proc.wait() != 0 and not (evals and target is not None and evals[-1][1] <= target):
+        raise RuntimeError(f"{' '.join(command)} failed:\n" + "".join(lines[-20:]))
+    return steps, evals
+
+
+def training_seconds(steps, k):
+    """Wall time of the first k steps, evals excluded. The first step's time is replaced by the second's: nanoGPT's
+    includes its first eval, and both pay one-off warm-up there."""
+    return sum([steps[1], *steps[1:k]]) if k > 1 else steps[0] * k
+
+
+# gaia's runs against nanoGPT: the recipe, and (--ablate) the recipe with one piece removed or added. RoPE is not
+# ablated: speedrun.py has no other position signal to fall back on.
+RECIPE = ["config/speedrun.py"]
+ABLATIONS = {"- Muon (AdamW 3e-3 for every weight)": ["--optimizer=adamw", "--learning_rate=3e-3", "--min_lr=3e-4"],
+             "- QK-norm": ["--qk_norm=False"], "- ReLU² (tanh GELU)": ["--relu2=False"],
+             "- zero-init projections and head": ["--zero_init=False"], "- logit soft-cap": ["--softcap=0"],
+             "+ value embeddings (2 tables)": ["--value_embeds=2"], "+ U-net skips": ["--unet=True"]}
+
+
+def bench_time_to_loss(args, extra):
+    """Each round: the pinned nanoGPT trains --nano_iters steps at its anchor shapes; its val loss then is the
+    round's target and its training time (evals excluded) the time to reach it. Then gaia's gpt2 at the same
+    shapes and schedule, and the speedrun recipe (config/speedrun.py with a --speedrun_iters schedule; --ablate:
+    each piece removed in turn) train with an eval every --eval_every steps until one is at or under the target.
+    Rounds alternate, so a slow spell of the machine hits every run of a round; the median of the per-round ratios
+    (nanoGPT's time over the run's) is the figure."""
+    check_anchor_files(args)
+    work = tempfile.mkdtemp(prefix="gaia_time_to_loss_")
+    nano = os.path.join(work, "nanogpt")
+    shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(args.anchor)), "nanogpt"), nano)
+    os.makedirs(os.path.join(nano, "data", "bytes"))
+    raw = np.fromfile(args.data, dtype=np.uint8).astype(np.uint16)  # nanogpt_cpu_bench.sh's byte dataset
+    n = int(0.9 * len(raw))
+    raw[:n].tofile(os.path.join(nano, "data", "bytes", "train.bin"))
+    raw[n:].tofile(os.path.join(nano, "data", "bytes", "val.bin"))
+    with open(os.path.join(nano, "data", "bytes", "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": 256}, f)
+    iters = args.nano_iters
+    nano_cmd = [sys.executable, "train.py", "--dataset=bytes", "--out_dir=out", *ANCHOR_SHAPES, f"--max_iters={iters}",
+                f"--lr_decay_iters={iters}", f"--eval_interval={iters}", f"--eval_iters={args.nano_eval_iters}",
+                "--log_interval=1", "--always_save_checkpoint=False", "--wandb_log=False"]
+    gaia = [sys.executable, os.path.join(ROOT, "train.py")]
+    evals = [f"--eval_interval={args.eval_every}", f"--eval_iters={args.eval_iters}", "--log_interval=1",
+             "--sample_tokens=0", f"--data={args.data}", f"--out_dir={os.path.join(work, 'gaia')}",
+             "--always_save_checkpoint=False"]
+    # gaia's gpt2 at nanoGPT's shapes and schedule, evaluated once at the end as nanoGPT is: its time for the same
+    # steps, and its loss there
+    same = ["--model=gpt2", "--tokenizer=byte", *ANCHOR_SHAPES, f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+            f"--eval_interval={iters}"]
+    runs = {"gaia gpt2, nanoGPT's shapes and steps": same}
+    recipe = [*RECIPE, f"--max_iters={args.speedrun_iters}", f"--lr_decay_iters={args.speedrun_iters}"]
+    runs["speedrun recipe (config/speedrun.py)"] = recipe
+    if args.ablate:
+        runs.update({name: recipe + keys for name, keys in ABLATIONS.items()})
+    table = {name: [] for name in ["nanoGPT", *runs]}  # per round: (seconds, steps, val loss) or None
+    for r in range(args.rounds):
+        steps, nano_evals = train_until(nano_cmd, nano)
+        k, target = nano_evals[-1]
+        table["nanoGPT"].append((training_seconds(steps, k), k, target))
+        print(f"round {r + 1}: nanoGPT {k} steps in {table['nanoGPT'][-1][0]:.1f} s, val loss {target:.4f} (the target)",
+              flush=True)
+        for name, keys in runs.items():
+            steps, got = train_until([*gaia, *evals, *keys, *extra], ROOT, None if keys is same else target)
+            k, val = got[-1]
+            reached = val <= target or keys is same  # the same steps as nanoGPT: timed whatever its loss
+            table[name].append((training_seconds(steps, k), k, val) if reached else None)
+            print(f"  {name}: " + (f"{k} steps, {table[name][-1][0]:.1f} s, val loss {val:.4f}" if reached
+                                   else f"not at {target:.4f} in {k} steps (best {min(v for _, v in got):.4f})"),
+                  flush=True)
+    print(f"\ntime to nanoGPT's val loss after {iters} steps, {args.rounds} rounds, {torch.get_num_threads()} threads "
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); ratio = nanoGPT's time / the run's, per round")
+    print("| run | steps | val loss | seconds per round | median ratio (per round) |\n| --- | --- | --- | --- | --- |")
+    nano_s = [s for s, _, _ in table["nanoGPT"]]
+    for name, results in table.items():
+        ratios = [n / res[0] for n, res in zip(nano_s, results) if res is not None]
+        steps = sorted({res[1] for res in results if res is not None})
+        seconds = ", ".join("-" if res is None else f"{res[0]:.1f}" for res in results)
+        losses = ", ".join("-" if res is None else f"{res[2]:.3f}" for res in results)
+        ratio = "-" if not ratios else f"**{statistics.median(ratios):.2f}x** ({', '.join(f'{x:.2f}' for x in ratios)})"
+        print(f"| {name} | {'/'.join(map(str, steps)) or 'not reached'} | {losses} | {seconds} | {ratio} |")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 MODEL_BENCHMARKS = {"moe": "moe_layer.py", "mamba": "mamba_layer.py", "mla": "mla_cache.py", "gelu": "gelu_cpu.py",
@@ -258,6 +374,17 @@ def main():
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--rounds", type=int, default=3)
     p.set_defaults(fn=bench_cpu_anchor)
+    p = sub.add_parser("time-to-loss", help="wall time to nanoGPT's val loss: nanoGPT, gaia's gpt2, the speedrun recipe")
+    p.add_argument("--anchor", required=True, help="path of nanogpt_cpu_bench.sh (its nanogpt/ folder is trained)")
+    p.add_argument("--data", required=True, help="a text file all runs train on, e.g. tinyshakespeare.txt")
+    p.add_argument("--nano_iters", type=int, default=300, help="nanoGPT's steps; its val loss then is the target")
+    p.add_argument("--nano_eval_iters", type=int, default=200, help="batches in nanoGPT's val loss (its default)")
+    p.add_argument("--speedrun_iters", type=int, default=150, help="the recipe's schedule length (lr decay)")
+    p.add_argument("--eval_every", type=int, default=5, help="gaia's runs: steps between evals")
+    p.add_argument("--eval_iters", type=int, default=20, help="gaia's runs: batches per eval")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ablate", action="store_true", help="also the recipe with each piece removed (or added) in turn")
+    p.set_defaults(fn=bench_time_to_loss)
     args, extra = parser.parse_known_args()
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)

@@ -36,6 +36,10 @@ class Config:
     softcap: float = 15.0        # logits = softcap * tanh(logits / softcap); 0 = off
     value_embeds: int = 0        # token tables mixed into the values of the first and last layers; 0 = off
     unet: bool = False           # U-net skips: layer n_layer-1-i adds the output of layer i (weighted), i < n_layer // 2
+    # each recipe piece can be switched off, for the ablations (README: python bench.py time-to-loss --ablate)
+    qk_norm: bool = True         # RMSNorm of each head's q and k
+    relu2: bool = True           # ReLU² MLP; False: GPT-2's tanh GELU
+    zero_init: bool = True       # the output projections and the head start at zero; False: as c_q (uniform)
 
     def __post_init__(self):
         if self.vocab_size is not None and self.vocab_size < 1:  # train.py builds the Config with None, then sets it
@@ -94,7 +98,7 @@ class Attention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # zero at init (_init_weights)
-        self.q_norm, self.k_norm = RMSNorm(config.norm_eps), RMSNorm(config.norm_eps)
+        self.q_norm, self.k_norm = (RMSNorm(config.norm_eps), RMSNorm(config.norm_eps)) if config.qk_norm else (None, None)
         # value residual (Zhou et al. 2024, "Value Residual Learning"; token value embeddings by @KoszarskyB):
         # v = lambda_0 v + lambda_1 ve, ve a token table of this layer
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if value_embed else None
@@ -108,7 +112,8 @@ class Attention(nn.Module):
             v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
         # QK-norm (Dehghani et al. 2023; in modded-nanogpt by @Grad62304977): each head's q and k RMS-normed, so
         # the attention logits stay bounded however the weights grow
-        q, k = self.q_norm(q), self.k_norm(k)  # over head_dim: (B, T, n_head, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim: (B, T, n_head, head_dim)
         q, k = kernels.rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
         if cache is None:
@@ -127,9 +132,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
         self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)  # zero at init
+        self.relu2 = config.relu2
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        h = self.c_fc(x)
+        return self.c_proj(F.relu(h).square() if self.relu2 else kernels.gelu_tanh(h))
 
 
 class Block(nn.Module):
@@ -194,7 +201,7 @@ class Model(nn.Module):
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # the layers that write into the residual, and the head
-            if name.endswith("c_proj.weight") or name == "lm_head.weight":
+            if config.zero_init and (name.endswith("c_proj.weight") or name == "lm_head.weight"):
                 nn.init.zeros_(p)
 
     def _init_weights(self, module):
