@@ -9,6 +9,8 @@ Benchmarks: numbers come from here, never from timed tests. Each prints the comm
     python bench.py moe | mamba | mla | gelu [--help]        # a model's own benchmark (benchmarks/*.py), e.g.
                                                              # one layer against transformers' with the same weights
     python bench.py kernels [--ops=rms_norm,attention ...]   # kernels.py's ops: eager vs torch.compile vs Triton
+    python bench.py compare [--models=gpt2,mamba --budget=time:60 ...]   # train the text models at one size, one
+                                                             # budget: val loss vs tokens, time, FLOPs; a table
     python bench.py ... --help                               # the options of a benchmark
 
 Model keys (--n_layer=12, --n_kv_head=2, ...) are the model's Config fields, checked like train.py's.
@@ -215,7 +217,7 @@ def bench_cpu_anchor(args, extra):
 
 
 MODEL_BENCHMARKS = {"moe": "moe_layer.py", "mamba": "mamba_layer.py", "mla": "mla_cache.py", "gelu": "gelu_cpu.py",
-                    "kernels": "kernel_ops.py"}
+                    "kernels": "kernel_ops.py", "compare": "compare.py"}
 
 
 def main():
