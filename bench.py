@@ -224,7 +224,8 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] in MODEL_BENCHMARKS:  # a model's own benchmark script, with its own options
         import runpy
         path = os.path.join(ROOT, "benchmarks", MODEL_BENCHMARKS[sys.argv[1]])
-        print("command: python bench.py " + " ".join(sys.argv[1:]))
+        if int(os.environ.get("RANK", 0)) == 0:  # compare runs under torchrun too
+            print("command: python bench.py " + " ".join(sys.argv[1:]))
         sys.argv = [path, *sys.argv[2:]]
         runpy.run_path(path, run_name="__main__")
         return

@@ -3846,8 +3846,8 @@ def test_compare_sizes_every_text_model_to_the_target(tmp_path):
         cc, runs, _ = compare.parse([*argv, f"--out_dir={tmp_path}"])
         assert list(runs) == (argv[-1][9:].split(",") if argv else ["gpt2", "llama", "moe", "mla", "mamba", "speedrun"])
         for name, (module, run) in runs.items():
-            keys = dict(a[2:].split("=", 1) for a in run if a.startswith("--n_") or a.startswith("--intermediate_size"))
-            model = module.Model(module.Config(vocab_size=256, **{k: int(v) for k, v in keys.items()}))
+            keys = {k: int(v) for k, v in (a[2:].split("=", 1) for a in run) if k in config_keys(name) and k != "block_size"}
+            model = module.Model(module.Config(vocab_size=256, **keys))
             assert abs(counted_here(model)[2] - target) <= cc.tolerance * target, (name, keys, counted_here(model), target)
 
 

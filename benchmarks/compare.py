@@ -3,7 +3,7 @@ The architectures side by side: each text model trained by train.py on the same 
 parameter count (active parameters for a mixture of experts) and with the same budget of tokens or of training
 time. Draws one PNG (val loss against tokens, training time and training FLOPs) and writes one markdown table.
 
-    python bench.py compare                                          # 6 models at gpt2 4x128's size, 300k tokens each
+    python bench.py compare                                          # 6 models at gpt2 4x128's size, 200k tokens each
     python bench.py compare --models=gpt2,mamba --budget=time:60     # 60 s of training each
     python bench.py compare --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --budget=tokens:50M \
         --data=corpus.txt --tokenizer=gpt2 --device=cuda             # GPT-2 124M's size; or under torchrun
@@ -44,7 +44,7 @@ from data import get_tokenizer  # noqa: E402
 @dataclass
 class CompareConfig:
     models: str = "gpt2,llama,moe,mla,mamba,speedrun"  # text model files, comma-separated
-    budget: str = "tokens:300k"  # per model: tokens:N (k, M, G suffixes) or time:SECONDS of training
+    budget: str = "tokens:200k"  # per model: tokens:N (k, M, G suffixes) or time:SECONDS of training
     params: str = ""             # target non-embedding (active) parameters, e.g. 10M; "" = gpt2's at the size keys
     tolerance: float = 0.03      # each model's count must be within this fraction of the target
     evals: int = 10              # val loss points per run (train.py's eval_interval = iterations / evals)
@@ -54,8 +54,10 @@ class CompareConfig:
 # train.py keys this script sets itself, and where the user says what they mean
 SET_HERE = {"model": "--models", "max_iters": "--budget", "eval_interval": "--evals", "log_interval": None,
             "init_from": None}
-# train.py defaults that differ here: no sample at the end, shorter evals (val loss is read at every one)
-TRAIN_DEFAULTS = {"sample_tokens": "0", "eval_iters": "5"}
+# train.py defaults that differ here (the user's keys still win): every model gets the same batches (a model's
+# TRAIN_DEFAULTS may not change them), half train.py's batch for twice the steps in a short budget, shorter evals
+# (each model is scored on the same val batches, so the comparison is paired), no text sample at the end
+TRAIN_DEFAULTS = {"batch_size": "8", "block_size": "128", "eval_iters": "5", "sample_tokens": "0"}
 
 
 def parse_count(key, text):
@@ -106,51 +108,72 @@ def active_params(module, config):
         return counts(shapes(config))[2]
 
 
+# Config fields that are widths: they keep their default's ratio to n_embd (per head: to n_embd / n_head) as the
+# search moves n_embd, unless the user sets them, so a model sized up is its default shape, larger. State sizes
+# (d_state) and Mamba-2's head_dim (P, which the paper keeps across sizes) stay as they are.
+WIDTHS = ("intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank")
+HEAD_WIDTHS = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
 def size(module, values, target, tolerance, fixed=()):
-    """values: the model's Config keys. Returns {n_embd, and intermediate_size where sized} with the active count
-    nearest the target, or raises if it is not within tolerance."""
+    """values: the model's Config keys. Returns the keys to set (n_embd, the WIDTHS it has) with the active count
+    nearest the target, or raises if it is not within tolerance. n_embd is a multiple of 8 (whole tiles for a GPU's
+    matmuls) where that comes within the tolerance, else any width the Config accepts."""
+    default = {f.name: f.default for f in fields(module.Config)}
+    follow = [k for k in WIDTHS + HEAD_WIDTHS if isinstance(default.get(k), int) and k not in fixed]
+
+    def shape(w):  # the default's proportions at width w, each width even
+        scale = {k: w / default["n_embd"] * (default["n_head"] / values["n_head"] if k in HEAD_WIDTHS else 1)
+                 for k in follow}
+        return {"n_embd": w, **{k: max(2, round(default[k] * scale[k] / 2) * 2) for k in follow}}
+
     def config(**change):
         try:
             return module.Config(**{**values, **change})
         except ValueError:  # a width the model refuses (heads not whole, RoPE's odd head_dim)
             return None
 
-    def accepted(w, step):  # the nearest width from w (upwards: step 1, downwards: -1) that the Config accepts
-        for w in range(w, w + 1024 * step, step):
-            if w >= 1 and config(n_embd=w) is not None:
-                return w
-            if w < 1:
-                return None
-        return None
-
     @functools.lru_cache(maxsize=None)
     def count(w, ff=None):
-        return active_params(module, config(n_embd=w, **({} if ff is None else {"intermediate_size": ff})))
+        return active_params(module, config(**{**shape(w), **({} if ff is None else {"intermediate_size": ff})}))
 
-    lo, hi = 1, values["n_embd"]
-    while count(accepted(hi, 1)) < target:  # the count grows with the width: double, then bisect
-        lo, hi = hi, 2 * hi
-        if hi > 1 << 17:
-            raise ConfigError(f"{module.__name__}: no width up to n_embd={hi} reaches {target:,.0f} parameters")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if count(accepted(mid, 1)) >= target else (mid + 1, hi)
-    up = accepted(hi, 1)
-    down = accepted(up - 1, -1)
-    w = min((w for w in (up, down) if w is not None), key=lambda w: abs(count(w) - target))
-    sized = {"n_embd": w}
-    ff = getattr(config(n_embd=w), "intermediate_size", None)
-    if isinstance(ff, int) and "intermediate_size" not in fixed:
-        # the count is affine in the feed-forward width: one more point gives the slope, then the step of 8 nearest
-        c0, c1 = count(w, ff), count(w, ff + 8)
-        ff = max(8, round((ff + 8 * (target - c0) / (c1 - c0)) / 8) * 8)
-        sized["intermediate_size"] = ff
-    n = count(w, sized.get("intermediate_size"))
-    if abs(n - target) > tolerance * target:
-        raise ConfigError(f"{module.__name__} comes no nearer than {n:,} parameters to the target {target:,.0f} "
-                          f"(n_embd={w}, off by {abs(n - target) / target:.1%} > tolerance={tolerance}); "
-                          f"raise --params or --tolerance, or change --n_head")
-    return sized
+    def accepted(w, step, q):  # the nearest multiple of q from w, upwards (step 1) or down (-1), the Config accepts
+        w = -(-w // q) * q if step > 0 else w // q * q
+        for w in range(w, w + 1024 * q * step, q * step):
+            if w < 1:
+                return None
+            if config(**shape(w)) is not None:
+                return w
+        return None
+
+    def nearest(q):
+        lo, hi = 1, values["n_embd"]
+        while count(accepted(hi, 1, q)) < target:  # the count grows with the width: double, then bisect
+            lo, hi = hi, 2 * hi
+            if hi > 1 << 17:
+                raise ConfigError(f"{module.__name__}: no width up to n_embd={hi} reaches {target:,.0f} parameters")
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if count(accepted(mid, 1, q)) >= target else (mid + 1, hi)
+        up = accepted(hi, 1, q)
+        w = min((w for w in (up, accepted(up - 1, -1, q)) if w is not None), key=lambda w: abs(count(w) - target))
+        sized = shape(w)
+        ff = getattr(config(**sized), "intermediate_size", None)
+        if isinstance(ff, int) and "intermediate_size" not in fixed:
+            # the count is affine in the feed-forward width: one more point gives the slope, then the step of 8 nearest
+            c0, c1 = count(w, ff), count(w, ff + 8)
+            sized["intermediate_size"] = max(8, round((ff + 8 * (target - c0) / (c1 - c0)) / 8) * 8)
+        return sized, count(w, sized.get("intermediate_size"))
+
+    if accepted(values["n_embd"], 1, 1) is None:  # no width suits the user's other keys: the model says why
+        train.build_config(module, values)
+    for q in (8, 1):
+        sized, n = nearest(q)
+        if abs(n - target) <= tolerance * target:
+            return sized
+    raise ConfigError(f"{module.__name__} comes no nearer than {n:,} parameters to the target {target:,.0f} "
+                      f"(n_embd={sized['n_embd']}, off by {abs(n - target) / target:.1%} > tolerance={tolerance}); "
+                      f"raise --params or --tolerance, or change --n_head")
 
 
 def parse(argv):
@@ -194,7 +217,6 @@ def parse(argv):
     runs = {}
     for name, module in modules.items():
         user, values = model_values(module, exclude=("n_embd",))
-        train.build_config(module, values)  # the user's keys as the model checks them, before any search
         sized = size(module, values, target, cc.tolerance, fixed=user)
         argv = [f"--model={name}", f"--out_dir={os.path.join(cc.out_dir, name)}", "--log_interval=1",
                 *[f"--{k}={v}" for k, v in {**TRAIN_DEFAULTS, **overrides}.items() if k in train_keys],
@@ -271,16 +293,18 @@ def compare(argv):
         print(f"{name} ({shape}): {iters} iterations of {tokens_per_iter:,} tokens, {seconds:.1f} s of training, "
               f"val loss {points[-1][3]:.4f}", flush=True)
     if results:
-        report(cc, results, target, kind, amount, cfg)
+        report(cc, results, target, kind, amount, cfg, layout.dp)
 
 
-def report(cc, results, target, kind, amount, cfg):
+def report(cc, results, target, kind, amount, cfg, dp):
     """The markdown table (printed and written beside the PNG) and the PNG's three panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     budget = f"{amount:,.0f} tokens" if kind == "tokens" else f"{amount:g} s of training"
-    lines = [f"Each model: {budget}, {cfg.batch_size} x {cfg.block_size} tokens a step, target {target / 1e6:.3g}M "
+    lines = [f"Each model: {budget}, steps of {cfg.batch_size} x {cfg.block_size} tokens"
+             f"{f' x {cfg.gradient_accumulation_steps} accumulation steps' if cfg.gradient_accumulation_steps > 1 else ''}"
+             f"{f' x {dp} data-parallel ranks' if dp > 1 else ''}, target {target / 1e6:.3g}M "
              f"non-embedding (active) parameters within {cc.tolerance:.0%}; {train.pick_device(cfg.device)}, "
              f"{torch.get_num_threads()} thread(s).", "",
              "| model | shape | parameters | non-embedding | active | tokens/s | training time | val loss | "
@@ -300,6 +324,11 @@ def report(cc, results, target, kind, amount, cfg):
     for ax, xlabel in zip(axes, ("tokens", "training time (s), evals left out", "training FLOPs (flops_per_token)")):
         ax.set(xlabel=xlabel)
         ax.grid(alpha=0.3)
+    # the first eval (every model near ln(vocab) at iteration 0) stays above the frame, so the differences show
+    later = [p[3] for r in results.values() for p in r["points"][1:]]
+    if later:
+        pad = 0.05 * (max(later) - min(later)) or 0.05
+        axes[0].set_ylim(min(later) - pad, max(later) + pad)
     axes[0].set(ylabel="val loss")
     axes[0].legend()
     fig.suptitle(f"{target / 1e6:.3g}M non-embedding (active) parameters, {budget} each")
