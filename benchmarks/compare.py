@@ -57,7 +57,7 @@ SET_HERE = {"model": "--models", "max_iters": "--budget", "eval_interval": "--ev
 # train.py defaults that differ here (the user's keys still win): every model gets the same batches (a model's
 # TRAIN_DEFAULTS may not change them), half train.py's batch for twice the steps in a short budget, shorter evals
 # (each model is scored on the same val batches, so the comparison is paired), no text sample at the end
-TRAIN_DEFAULTS = {"batch_size": "8", "block_size": "128", "eval_iters": "5", "sample_tokens": "0"}
+TRAIN_DEFAULTS = {"batch_size": 8, "block_size": 128, "eval_iters": 5, "sample_tokens": 0}
 
 
 def parse_count(key, text):
@@ -182,7 +182,8 @@ def parse(argv):
     if files:
         raise ConfigError(f"compare takes --key=value arguments, not config files ({files[0]})")
     own = configurator.key_table(CompareConfig)
-    train_keys = {k: v for k, v in configurator.key_table(train.TrainConfig).items() if k not in own}
+    train_keys = {k: (TRAIN_DEFAULTS.get(k, default), tp) for k, (default, tp)
+                  in configurator.key_table(train.TrainConfig).items() if k not in own and k not in SET_HERE}
     names = [n for n in configurator.peek([], overrides, "models", CompareConfig.models).split(",") if n]
     if not names:
         raise ConfigError("models='' names no model; e.g. --models=gpt2,llama")
@@ -301,6 +302,7 @@ def report(cc, results, target, kind, amount, cfg, dp):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     budget = f"{amount:,.0f} tokens" if kind == "tokens" else f"{amount:g} s of training"
     lines = [f"Each model: {budget}, steps of {cfg.batch_size} x {cfg.block_size} tokens"
              f"{f' x {cfg.gradient_accumulation_steps} accumulation steps' if cfg.gradient_accumulation_steps > 1 else ''}"
@@ -324,6 +326,8 @@ def report(cc, results, target, kind, amount, cfg, dp):
     for ax, xlabel in zip(axes, ("tokens", "training time (s), evals left out", "training FLOPs (flops_per_token)")):
         ax.set(xlabel=xlabel)
         ax.grid(alpha=0.3)
+        if ax is not axes[1]:
+            ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 200k tokens, 1 T FLOPs
     # the first eval (every model near ln(vocab) at iteration 0) stays above the frame, so the differences show
     later = [p[3] for r in results.values() for p in r["points"][1:]]
     if later:
