@@ -233,6 +233,7 @@ def seconds_per_iter(argv):
     device = train.pick_device(cfg.device)
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)  # as train.py does: NCCL's all-reduce in agree() uses the current device
     kernels.set_backend(cfg.kernels)
     torch.manual_seed(cfg.seed)
     model = train.build_model(cfg, module, model_cfg, None, explicit, get_tokenizer(cfg.tokenizer).vocab_size).to(device)
