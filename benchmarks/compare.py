@@ -228,7 +228,8 @@ def parse(argv):
 
 def seconds_per_iter(argv):
     """A time budget becomes iterations: a few training steps of the model on random tokens (bench.py train's
-    timing, one micro-batch: forward, backward, clip, AdamW), times the accumulation steps."""
+    timing, one micro-batch: forward, backward, clip, AdamW), times the accumulation steps. Under torchrun this leaves
+    out the gradient all-reduce, so the runs take longer than the budget: the table says by how much."""
     cfg, module, model_cfg, _, explicit = train.configure(argv)
     device = train.pick_device(cfg.device)
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
