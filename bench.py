@@ -11,6 +11,8 @@ Benchmarks: numbers come from here, never from timed tests. Each prints the comm
     python bench.py moe | mamba | mla | gelu [--help]        # a model's own benchmark (benchmarks/*.py), e.g.
                                                              # one layer against transformers' with the same weights
     python bench.py kernels [--ops=rms_norm,attention ...]   # kernels.py's ops: eager vs torch.compile vs Triton
+    python bench.py compare [--models=gpt2,mamba --budget=time:60 ...]   # train the text models at one size, one
+                                                             # budget: val loss vs tokens, time, FLOPs; a table
     python bench.py ... --help                               # the options of a benchmark
 
 Model keys (--n_layer=12, --n_kv_head=2, ...) are the model's Config fields, checked like train.py's.
@@ -331,14 +333,15 @@ def bench_time_to_loss(args, extra):
 
 
 MODEL_BENCHMARKS = {"moe": "moe_layer.py", "mamba": "mamba_layer.py", "mla": "mla_cache.py", "gelu": "gelu_cpu.py",
-                    "kernels": "kernel_ops.py"}
+                    "kernels": "kernel_ops.py", "compare": "compare.py"}
 
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] in MODEL_BENCHMARKS:  # a model's own benchmark script, with its own options
         import runpy
         path = os.path.join(ROOT, "benchmarks", MODEL_BENCHMARKS[sys.argv[1]])
-        print("command: python bench.py " + " ".join(sys.argv[1:]))
+        if int(os.environ.get("RANK", 0)) == 0:  # compare runs under torchrun too
+            print("command: python bench.py " + " ".join(sys.argv[1:]))
         sys.argv = [path, *sys.argv[2:]]
         runpy.run_path(path, run_name="__main__")
         return

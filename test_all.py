@@ -3809,6 +3809,113 @@ def test_tensor_parallel_training_follows_one_process(model, tmp_path):
     assert_same_curve(curve(tmp_path / "tp"), curve(tmp_path / "one"))
 
 
+# ------------------------------------------------------------------------------------- bench.py compare
+
+def compare_module():
+    """benchmarks/compare.py as a module (bench.py runs it as a script)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "benchmarks", "compare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def counted_here(model):
+    """(parameters, non-embedding, active), counted by name here: the embeddings are transformer.wte, .wpe, .ve.* and
+    lm_head (a tied head is the same tensor); a routed expert is a slice of a stacked (n_experts, ...) tensor, of which
+    a token uses n_experts_per_tok."""
+    c = model.config
+    params = dict(model.named_parameters())  # a tied weight is listed once
+    total = sum(p.numel() for p in params.values())
+    embedding = sum(p.numel() for n, p in params.items() if n.split(".")[0] == "lm_head"
+                    or n.startswith(("transformer.wte.", "transformer.wpe.", "transformer.ve.")))
+    routed = sum(p.numel() for p in params.values() if p.dim() == 3 and p.shape[0] == getattr(c, "n_experts", 0))
+    inactive = routed * (1 - c.n_experts_per_tok / c.n_experts) if routed else 0
+    return total, total - embedding, total - embedding - inactive
+
+
+COMPARE_TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=1",
+                "--budget=tokens:1k", "--evals=2"]
+
+
+def test_compare_trains_matched_models_and_draws_the_table(tmp_path, monkeypatch, capsys):
+    """bench.py compare end to end at a tiny size: gpt2 (the reference) and moe (matched on active parameters) each
+    train through train.py for the token budget; the models that trained are within the tolerance of gpt2's
+    non-embedding count (counted here, by name, from the checkpoints' configs); the table's figures are theirs, the
+    PNG has its three panels."""
+    out = run_bench(monkeypatch, capsys, ["compare", "--models=gpt2,moe", *COMPARE_TINY, f"--out_dir={tmp_path}",
+                                          f"--cache_dir={tmp_path / 'c'}"])
+    target = counted_here(gpt2.Model(gpt2.Config(n_layer=2, n_head=2, n_embd=32, vocab_size=256)))[2]
+    table = (tmp_path / "compare.md").read_text()
+    assert table.strip() in out
+    for name, module in (("gpt2", gpt2), ("moe", moe)):
+        ckpt = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+        model = module.Model(module.Config(**ckpt["model_config"]))
+        total, non_embedding, active = counted_here(model)
+        assert abs(active - target) <= 0.03 * target, (name, active, target)
+        assert ckpt["iter_num"] == math.ceil(1000 / (4 * 32))  # the token budget: 8 steps of 4 x 32 tokens
+        rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        seconds = sum(4 * 32 / r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
+        c = model.config
+        cache = 2 * c.n_layer * getattr(c, "n_kv_head", c.n_head) * (c.n_embd // c.n_head) * 4  # K and V, fp32
+        row = re.search(rf"^\| {name} \| [^|]+ \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+) s \| ([\d.]+) \| "
+                        rf"([\d,]+) \|$", table, re.M)
+        figures = [float(g.replace(",", "")) for g in row.groups()]
+        assert figures[:3] == [total, non_embedding, round(active)], (name, figures)
+        assert figures[3] == pytest.approx(8 * 4 * 32 / seconds, rel=0.01) and figures[4] == pytest.approx(seconds, abs=0.06)
+        assert figures[5] == pytest.approx([r["val_loss"] for r in rows if "val_loss" in r][-1], abs=1e-4)
+        assert figures[6] == cache
+    assert non_embedding > 3 * active  # moe: 8 experts, 2 active
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "compare.png").shape[:2] == (int(4.5 * 70), 15 * 70)
+
+
+def test_compare_sizes_every_text_model_to_the_target(tmp_path):
+    """At the default size every default model's sized Config (what compare passes train.py) lands within the
+    tolerance of gpt2 4x128's non-embedding count, counted here; and so does a larger target given by --params."""
+    compare = compare_module()
+    for argv, target in (([], counted_here(gpt2.Model(gpt2.Config(vocab_size=256)))[2]),
+                         (["--params=3M", "--n_layer=6", "--models=llama,mamba,mla"], 3e6)):
+        cc, runs, _ = compare.parse([*argv, f"--out_dir={tmp_path}"])
+        assert list(runs) == (argv[-1][9:].split(",") if argv else ["gpt2", "llama", "moe", "mla", "mamba", "speedrun"])
+        for name, (module, run) in runs.items():
+            keys = {k: int(v) for k, v in (a[2:].split("=", 1) for a in run) if k in config_keys(name) and k != "block_size"}
+            model = module.Model(module.Config(vocab_size=256, **keys))
+            assert abs(counted_here(model)[2] - target) <= cc.tolerance * target, (name, keys, counted_here(model), target)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models=gpt2,nope"], "unknown model 'nope'"),
+    (["--models=gpt2,jepa"], "compare trains text models on the same tokens; jepa brings its own data"),
+    (["--budget=steps:10"], "budget='steps:10' is neither tokens:N nor time:SECONDS"),
+    (["--budget=tokens:lots"], "budget='lots' is not a positive number"),
+    (["--budget=time:0"], "budget='0' is not a positive number"),
+    (["--max_iters=5"], "max_iters is set by compare for every run; use --budget="),
+    (["--n_embed=64"], "unknown key n_embed .* did you mean n_embd"),
+    (["--models=gpt2", "--n_kv_head=2"], "unknown key n_kv_head"),
+    (["--models=llama", "--n_kv_head=3"], "n_kv_head=3 does not divide n_head=4"),
+    (["--models=gpt2", "--params=1M", "--tolerance=0.001"], "gpt2 comes no nearer than"),
+])
+def test_compare_bad_input_gives_one_clear_line(args, message, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_bench(monkeypatch, capsys, ["compare", *args, f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and re.search("^error: .*" + message, err), err
+
+
+def test_compare_time_budget_sets_the_iterations(tmp_path, monkeypatch, capsys):
+    """--budget=time:S runs S / (seconds per iteration, timed beforehand) iterations."""
+    compare = compare_module()
+    argv = ["--model=gpt2", "--n_layer=1", "--n_embd=32", "--block_size=16", "--batch_size=2", "--max_iters=1"]
+    assert 0 < compare.seconds_per_iter(argv) < 5
+    monkeypatch.setattr(compare, "seconds_per_iter", lambda argv: 0.01)
+    compare.compare(["--models=gpt2", *COMPARE_TINY[:-2], "--budget=time:0.05", f"--out_dir={tmp_path}",
+                     f"--cache_dir={tmp_path / 'c'}"])
+    assert torch.load(tmp_path / "gpt2" / "ckpt.pt", weights_only=True)["iter_num"] == 5
+    assert "Each model: 0.05 s of training," in capsys.readouterr().out
+
+
+
 # ------------------------------------------------------------------------------------- kernels.py, op by op
 
 # ------------------------------------------------------------------ the torch paths against references
