@@ -245,7 +245,7 @@ def train_until(command, cwd, target=None):
             steps.append(float(m[1]) / 1000)
         elif m := re.match(r"step (\d+): .*val loss ([\d.]+)", line):
             evals.append((int(m[1]), float(m[2])))
-            if target is not None and evals[-1][1] <= target:
+            if target is not None and evals[-1][0] > 0 and evals[-1][1] <= target:  # trained to it, not born there
                 proc.kill()
                 break
     if proc.wait() != 0 and not (evals and target is not None and evals[-1][1] <= target):
@@ -313,7 +313,7 @@ def bench_time_to_loss(args, extra):
         for name, keys in runs.items():
             steps, got = train_until([*gaia, *evals, *keys, *extra], ROOT, None if keys is same else target)
             k, val = got[-1]
-            reached = val <= target or keys is same  # the same steps as nanoGPT: timed whatever its loss
+            reached = (k > 0 and val <= target) or keys is same  # the same steps as nanoGPT: timed whatever its loss
             table[name].append((training_seconds(steps, k), k, val) if reached else None)
             print(f"  {name}: " + (f"{k} steps, {table[name][-1][0]:.1f} s, val loss {val:.4f}" if reached
                                    else f"not at {target:.4f} in {k} steps (best {min(v for _, v in got):.4f})"),

@@ -862,6 +862,51 @@ def test_bench_runs_for_a_model(monkeypatch, capsys):
     assert "gaia tanh  forward" in out
 
 
+def test_train_until_stops_at_the_first_eval_under_the_target_and_sums_step_times(tmp_path):
+    """bench.py time-to-loss reads `iter k: ... time Tms` and `step k: ... val loss V` lines (nanoGPT's format and
+    train.py's): a fake trainer's lines, stopped at the first eval after step 0 at or under the target; the time to
+    k steps is the sum of the first k step times with the first replaced by the second (warm-up, nanoGPT's eval)."""
+    import bench
+    lines = ["step 0: train loss 5.5, val loss 1.0",  # at the target before any step: not reached by training
+             "iter 0: loss 5.0, time 900.00ms", "iter 1: loss 4.0, time 100.00ms", "step 2: train loss 4, val loss 3.5",
+             "iter 2: loss 3.0, time 110.00ms", "iter 3: loss 2.5, time 120.00ms", "step 4: train loss 2, val loss 2.5",
+             "iter 4: loss 2.0, time 130.00ms", "step 5: train loss 2, val loss 2.0"]
+    script = tmp_path / "fake.py"
+    script.write_text("import sys\nfor line in %r: print(line)\nsys.exit(int(sys.argv[1]))\n" % lines)
+    steps, evals = bench.train_until([sys.executable, str(script), "3"], str(tmp_path), target=2.6)
+    assert evals == [(0, 1.0), (2, 3.5), (4, 2.5)]  # stopped at step 4: the exit code 3 after it is not an error
+    assert steps == [0.9, 0.1, 0.11, 0.12]
+    assert bench.training_seconds(steps, 4) == pytest.approx(0.1 + 0.1 + 0.11 + 0.12)
+    steps, evals = bench.train_until([sys.executable, str(script), "0"], str(tmp_path), target=None)  # to its end
+    assert evals[-1] == (5, 2.0) and len(steps) == 5
+    with pytest.raises(RuntimeError, match="failed"):  # never reaching the target, the exit code is an error
+        bench.train_until([sys.executable, str(script), "3"], str(tmp_path), target=0.5)
+
+
+def test_time_to_loss_runs_against_a_fake_nanogpt(tmp_path, monkeypatch, capsys):
+    """bench.py time-to-loss end to end, with a stand-in for the pinned nanoGPT (its train.py prints fixed step
+    times and a target of 5.3, above ln 256 = 5.55, the recipe's zero-init start) and gaia's runs for real at 4 steps:
+    nanoGPT's row is the hand sum of its times, gaia's gpt2 row its 4 steps, and the recipe reaches 5.3 or says not."""
+    nano = tmp_path / "anchors" / "nanogpt"
+    nano.mkdir(parents=True)
+    (tmp_path / "anchors" / "nanogpt_cpu_bench.sh").write_text("# stand-in\n")
+    (nano / "train.py").write_text(
+        "import os\nassert os.path.getsize('data/bytes/train.bin') > 0\n"
+        "for i, t in enumerate([700, 200, 210, 220]): print(f'iter {i}: loss 5.0, time {t:.2f}ms, mfu -100.00%')\n"
+        "print('step 4: train loss 5.2, val loss 5.3')\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question. " * 400)
+    out = run_bench(monkeypatch, capsys, ["time-to-loss", f"--anchor={tmp_path / 'anchors' / 'nanogpt_cpu_bench.sh'}",
+                                          f"--data={corpus}", "--nano_iters=4", "--speedrun_iters=8", "--eval_every=2",
+                                          "--eval_iters=1", "--rounds=1"])
+    assert "round 1: nanoGPT 4 steps in 0.8 s, val loss 5.3000 (the target)" in out  # 0.2 + 0.2 + 0.21 + 0.22
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    assert rows["nanoGPT"][1:4] == ["4", "5.300", "0.8"]
+    assert rows["gaia gpt2, nanoGPT's shapes and steps"][1] == "4"
+    recipe = rows["speedrun recipe (config/speedrun.py)"]
+    assert recipe[1] in ("2", "4", "6", "8") and float(recipe[2]) <= 5.3 or recipe[1] == "not reached", recipe
+
+
 def test_profile_writes_a_trace_on_cpu(tmp_path):
     run_train("--max_iters=12", "--eval_interval=100", "--profile=True", out_dir=str(tmp_path))
     with open(tmp_path / "trace.json") as f:
