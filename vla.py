@@ -61,8 +61,8 @@ class Config:
     env: str = "tabletop"            # tabletop | babyai:LEVEL-ID (e.g. babyai:BabyAI-GoToRedBallGrey-v0)
     tasks: str = "reach,push,place"  # the tabletop's task families, trained and evaluated
     image_size: int = 64             # observations are image_size x image_size RGB
-    n_stem: int = 3                  # stride-2 convs in the stem: a grid of image_size / 2^n_stem cells, one token each
-    stem_channels: int = 32          # the first conv's width, doubled by each next one
+    n_stem: int = 4                  # stride-2 convs in the stem: a grid of image_size / 2^n_stem cells, one token each
+    stem_channels: int = 16          # the first conv's width, doubled by each next one
     n_words: int = 512               # instruction words are hashed into ids 1 .. n_words - 1 (0 pads)
     max_words: int = 12              # longest instruction, in words
     n_layer: int = 3
@@ -181,18 +181,29 @@ def sincos(t, dim, min_period=4e-3, max_period=4.0):
 # ------------------------------------------------------------------------------------- the network
 
 class Stem(nn.Module):
-    """images (B, 3, S, S) in [-1, 1] -> one token per cell of the last grid (B, grid^2, n_embd), raster order:
-    n_stem stride-2 3x3 convs (GELU between), then a 1x1 conv to n_embd (Xiao et al. 2021's convolutional stem)."""
+    """images (B, 3, S, S) in [-1, 1] and the instruction's vector (B, n_embd) -> one token per cell of the last grid
+    (B, grid^2, n_embd), raster order: n_stem stride-2 3x3 convs, then a 1x1 conv to n_embd (Xiao et al. 2021's
+    convolutional stem). Two more input channels hold each pixel's x and y in [-1, 1] (CoordConv, Liu et al. 2018):
+    a policy needs where things are to a pixel, finer than its token grid. Each conv's output is modulated by the
+    instruction, FiLM (Perez et al. 2018), as RT-1 conditions its image encoder: x * (1 + gamma) + beta, gamma and
+    beta per channel from the instruction, starting at 0 (identity). Without it the transformer must find the named
+    object among the image tokens by attention alone, which took far longer than a CPU run allows (tried: 300 steps
+    of batch 64 left the policy at chance, predicting the actions' marginal)."""
 
     def __init__(self, config):
         super().__init__()
-        widths = [3] + [config.stem_channels * 2 ** i for i in range(config.n_stem)]
+        widths = [3 + 2] + [config.stem_channels * 2 ** i for i in range(config.n_stem)]
         self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:])])
+        self.film = nn.ModuleList([nn.Linear(config.n_embd, 2 * b) for b in widths[1:]])
         self.proj = nn.Conv2d(widths[-1], config.n_embd, 1)
+        ramp = torch.linspace(-1, 1, config.image_size)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(ramp, ramp, indexing="xy")), persistent=False)
 
-    def forward(self, x):
-        for conv in self.convs:
-            x = F.gelu(conv(x))
+    def forward(self, x, instruction):
+        x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)  # (B, 5, S, S): RGB, x, y
+        for conv, film in zip(self.convs, self.film):
+            gamma, beta = film(instruction)[:, :, None, None].chunk(2, dim=1)  # (B, channels, 1, 1) each
+            x = F.gelu(conv(x) * (1 + gamma) + beta)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, grid^2, n_embd)
 
 
@@ -263,6 +274,11 @@ class Model(nn.Module):
         self.stem = Stem(config)
         self.pos_embed = nn.Parameter(torch.zeros(config.grid ** 2, config.n_embd))  # learned, one per image token
         self.query = nn.Parameter(torch.zeros(config.n_query, config.n_embd))  # the readout tokens
+        # and a linear map of the whole grid of final image tokens into each readout: the readout tokens alone sat at
+        # chance for hundreds of steps (tried), their attention must first learn to single out the one token of 77
+        # that holds the gripper; a map of the flattened grid reads positions at once (Diffusion Policy and ACT also
+        # flatten their image features)
+        self.spatial = nn.Linear(config.grid ** 2 * config.n_embd, config.n_query * config.n_embd)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.n_words, config.n_embd),
             wpe=nn.Embedding(config.max_words, config.n_embd),
@@ -277,17 +293,26 @@ class Model(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.startswith("stem.film."):  # FiLM starts as the identity (RT-1's init)
+                nn.init.zeros_(p)
 
     def _init_weights(self, module):
-        """GPT-2's init, and PyTorch's own for the convolutions (a stem that starts at 0.02 passes almost no image):
+        """GPT-2's init, and He's for the convolutions: the stem must pass the small objects of a mostly black image
+        on at full strength (PyTorch's default conv init shrinks them by about half per layer, and a policy then sat at
+        chance for hundreds of steps, tried):
         | tensor                                           | init                               |
-        | Linear weights, wte, wpe, pos_embed, query       | normal(0, 0.02)                    |
+        | Linear weights (spatial too), wte, wpe, pos_embed, query | normal(0, 0.02)            |
         | attn.c_proj, mlp.c_proj weights                  | normal(0, 0.02 / sqrt(2 n_layer))  |
         | Linear biases                                    | 0                                  |
-        | stem convs                                       | PyTorch's kaiming_uniform(a=sqrt 5) |
+        | stem convs (convs, proj)                         | kaiming_normal (He, ReLU gain)     |
+        | stem conv biases                                 | 0                                  |
+        | stem.film weights and biases                     | 0 (FiLM starts as the identity)    |
         | LayerNorm weight, bias                           | 1, 0                               |"""
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -301,8 +326,11 @@ class Model(nn.Module):
         if c.blind:
             words = torch.zeros_like(words)
         B = images.shape[0]
-        x = torch.cat([self.stem(images) + self.pos_embed,  # (B, grid^2, C)
-                       self.transformer.wte(words) + self.transformer.wpe.weight,  # (B, max_words, C)
+        wte = self.transformer.wte(words)  # (B, max_words, C)
+        real = (words != 0).float()[..., None]
+        instruction = (wte * real).sum(1) / real.sum(1).clamp(min=1)  # the mean of the real words (0: none), for FiLM
+        x = torch.cat([self.stem(images, instruction) + self.pos_embed,  # (B, grid^2, C)
+                       wte + self.transformer.wpe.weight,  # (B, max_words, C)
                        self.query.expand(B, -1, -1)], dim=1)  # (B, n_query, C)
         # every token attends to the image, the readouts and the real words, never to a padding id
         keep = torch.cat([torch.ones(B, c.grid ** 2, dtype=torch.bool, device=words.device), words != 0,
@@ -310,7 +338,9 @@ class Model(nn.Module):
         mask = keep[:, None, None, :]  # (B, 1, 1, T): broadcast over heads and queries
         for block in self.transformer.h:
             x = block(x, mask)
-        return self.transformer.ln_f(x[:, -c.n_query:])  # (B, n_query, C)
+        x = self.transformer.ln_f(x)
+        grid = self.spatial(x[:, :c.grid ** 2].flatten(1)).view(B, c.n_query, -1)  # (B, n_query, C)
+        return x[:, -c.n_query:] + grid  # (B, n_query, C)
 
     def forward(self, inputs, targets=None):
         """inputs: (images, words) for tokens, (images, words, noise (B, chunk, dim), t (B,)) for flow, as Batches
@@ -525,14 +555,15 @@ class Tabletop:
             target = o[0, 2:4] + (d + 0.03) * (np.sign(v) * across - direction)
         else:  # in front of it: step sideways, away from the line (away from the object)
             target = g + (d + 0.04 - abs(v)) * (1.0 if v >= 0 else -1.0) * across
-        return np.array([*toward(g, target), 1.0])
+        return np.array([*toward(g, target, straight=True), 1.0])
 
 
-def toward(g, target):
-    """(dx, dy) that moves g straight toward target: the step scaled down (both axes alike, keeping the direction)
-    until neither axis exceeds MAX_STEP."""
+def toward(g, target, straight=False):
+    """(dx, dy) that moves g toward target, each axis at full speed until it is within a step (most actions are then
+    -1, 0 or 1 on each axis: a policy tells them apart sooner than a continuum); straight=True scales both axes alike
+    instead, so the path is the straight segment (pushing needs that to stay clear of the object)."""
     delta = (target - g) / MAX_STEP
-    return delta / max(1.0, float(np.abs(delta).max()))
+    return delta / max(1.0, float(np.abs(delta).max())) if straight else np.clip(delta, -1, 1)
 
 
 def render(state, size):
@@ -556,9 +587,9 @@ def render(state, size):
         image[inside] = COLOURS[COLOUR_NAMES[int(colour)]]
     dx, dy = np.abs(x - gx), np.abs(y - gy)
     if closed:
-        mark = (dx <= 0.03) & (dy <= 0.03)
+        mark = (dx <= 0.035) & (dy <= 0.035)
     else:
-        mark = ((dx <= 0.045) & (dy <= 0.01)) | ((dy <= 0.045) & (dx <= 0.01))
+        mark = ((dx <= 0.05) & (dy <= 0.016)) | ((dy <= 0.05) & (dx <= 0.016))
     image[mark] = 255
     return image
 
@@ -584,7 +615,7 @@ class GymAdapter:
         return self.obs(obs), info
 
     def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(int(action))
+        obs, reward, terminated, truncated, info = self.env.step(int(np.asarray(action).reshape(-1)[0]))  # an id, or [id]
         return self.obs(obs), reward, terminated, truncated, {**info, "success": bool(terminated and reward > 0)}
 
 
@@ -680,7 +711,7 @@ def make_demos(config, split, n):
                 missions=np.array(missions), family=np.array(family))
 
 
-DEMO_VERSION = 1  # bump when the environment or the expert changes: cached demonstrations are then made afresh
+DEMO_VERSION = 2  # bump when the environment or the expert changes: cached demonstrations are then made afresh
 
 
 def load_splits(path, config, cache_dir=None):
@@ -781,7 +812,7 @@ def rollout(model, config, family, seeds, policy="model", frames=False):
                 a = a.numpy()
             else:
                 a = chunks[j, 0]
-            obs[i], _, terminated, truncated, info = envs[i].step(a if not config.discrete else int(a[0]))
+            obs[i], _, terminated, truncated, info = envs[i].step(a)
             if frames:
                 shots[i].append(obs[i]["image"])
             if terminated or truncated:
