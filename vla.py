@@ -874,6 +874,6 @@ def draw(model, val, path, per_family=2, n_frames=8):
     sheet.save(path)
 
 
-# train.py's defaults for this file: about 10 minutes on one CPU thread, two evaluations (at the start and the end)
-TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, max_iters=1000,
-                      eval_interval=1000, eval_iters=5, log_interval=50, weight_decay=0.01)
+# train.py's defaults for this file: about 10 minutes on one CPU thread, three evaluations (start, middle, end)
+TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, max_iters=2000,
+                      eval_interval=1000, eval_iters=5, log_interval=100, weight_decay=0.01)
