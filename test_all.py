@@ -3502,20 +3502,44 @@ def test_vla_bad_config_says_what_to_do(bad, message):
         vla.Config(**bad)
 
 
-@pytest.mark.parametrize("args", [["--action_head=flow"], [f"--env=babyai:{BABYAI_LEVEL}", "--image_size=32"]])
-def test_vla_short_run_lowers_the_loss_and_scores_every_family(args, tmp_path, own_data_cache):
-    if "babyai" in args[0]:
-        pytest.importorskip("minigrid")
-    rows = run_own("vla", "--max_iters=40", "--eval_interval=40", "--learning_rate=1e-2", *args, out_dir=tmp_path,
-                   cache_dir=own_data_cache)
+def test_vla_babyai_short_run_lowers_the_loss_and_scores_its_level(tmp_path, own_data_cache):
+    pytest.importorskip("minigrid")
+    rows = run_own("vla", f"--env=babyai:{BABYAI_LEVEL}", "--image_size=32", "--max_iters=80", "--eval_interval=80",
+                   out_dir=tmp_path, cache_dir=own_data_cache)
     steps, evals = [r["loss"] for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
-    drop = 0.2 if "--action_head=flow" in args else 0.5  # flow: from about 1 + var(a) (x_t tells nothing yet)
-    assert np.mean(steps[-10:]) < np.mean(steps[:10]) - drop, steps
-    families = ["GoToRedBallGrey"] if "babyai" in args[0] else list(vla.FAMILIES)
-    for kind in ("", "_blind", "_random"):
-        for r in evals:
-            assert all(0 <= r[f"success_{f}{kind}"] <= 1 and r[f"success_{f}{kind}"] * 4 % 1 == 0 for f in families)
-            assert r[f"success{kind}"] == pytest.approx(np.mean([r[f"success_{f}{kind}"] for f in families]))
+    assert np.mean(steps[-10:]) < np.mean(steps[:10]) - 0.3, steps  # from about ln 7
+    for r in evals:
+        for kind in ("", "_blind", "_random"):
+            score = r[f"success_GoToRedBallGrey{kind}"]
+            assert 0 <= score <= 1 and score * 4 % 1 == 0 and r[f"success{kind}"] == score  # of 4 episodes
+
+
+def test_vla_tabletop_scores_are_means_over_the_families(tmp_path, own_data_cache):
+    rows = run_own("vla", "--max_iters=2", "--eval_interval=2", out_dir=tmp_path, cache_dir=own_data_cache)
+    for r in [r for r in rows if "val_loss" in r]:
+        for kind in ("", "_blind", "_random"):
+            scores = [r[f"success_{f}{kind}"] for f in vla.FAMILIES]
+            assert all(0 <= s <= 1 and s * 4 % 1 == 0 for s in scores)  # of 4 episodes each
+            assert r[f"success{kind}"] == pytest.approx(np.mean(scores))
+
+
+@pytest.mark.parametrize("head", ["flow", "tokens"])
+def test_vla_short_run_fits_a_batch(head):
+    """Either head drives its loss on one batch of demonstrations (the flow head's noise and times fixed with it)
+    below half of where it starts: the gradients reach everything that sets the actions."""
+    m = tiny_vla(action_head=head)
+    c = m.config
+    train_split, _ = vla.load_splits("", c, None)
+    x, y = vla.Batches(train_split, c, 16, seed=0).next()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        _, loss = m(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
 def test_vla_flow_head_resumes_bit_exactly(tmp_path, own_data_cache):
@@ -3527,7 +3551,7 @@ def test_vla_flow_head_resumes_bit_exactly(tmp_path, own_data_cache):
                         base=[])
     losses = lambda rows: [(r["iter"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]  # noqa: E731
     assert len(losses(whole)) == 6 and losses(resumed) == losses(whole)
-    assert [r for r in resumed if "val_loss" in r] == [r for r in whole if "val_loss" in r][1:]
+    assert [r for r in resumed if "val_loss" in r] == [r for r in whole if "val_loss" in r]  # the scores too
 
 
 # ------------------------------------------------------------------------------------- speedrun.py

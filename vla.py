@@ -133,7 +133,11 @@ class Config:
 
     @property
     def families(self):
-        return tuple(self.tasks.split(",")) if self.env == "tabletop" else (self.env.split(":", 1)[1],)
+        """Task families, each scored on its own: the tabletop's tasks, or the BabyAI level (BabyAI-GoToLocal-v0 ->
+        GoToLocal)."""
+        if self.env == "tabletop":
+            return tuple(self.tasks.split(","))
+        return (self.env.split(":", 1)[1].removeprefix("BabyAI-").rsplit("-v", 1)[0],)
 
 
 # ------------------------------------------------------------------------------------- actions as tokens, as flow
