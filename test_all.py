@@ -3296,6 +3296,10 @@ def test_vla_tabletop_gripper_rules_by_hand():
     env = placed_tabletop("push", (0.3, 0.5), [(0.4, 0.5, 0.07), (0.8, 0.8, 0.07), (0.2, 0.8, 0.07)])
     env.step([1.0, 0.0, -1.0])
     assert env.objects[0, 2:4] == pytest.approx([0.4, 0.5])
+    # the gripper's own radius counts: 0.08 from the centre (beyond r 0.07, within r + 0.02) it still pushes
+    env = placed_tabletop("push", (0.25, 0.5), [(0.4, 0.5, 0.07), (0.8, 0.8, 0.07), (0.2, 0.8, 0.07)], closed=True)
+    env.step([1.0, 0.0, 1.0])
+    assert env.objects[0, 2:4] == pytest.approx([0.41, 0.5])
 
 
 @pytest.mark.parametrize("family", vla.FAMILIES)
@@ -3435,6 +3439,27 @@ def test_vla_rollout_executes_acts_temporal_ensemble(monkeypatch):
         want = sum(s * wi for s, wi in zip(starts, w)) / sum(w)
         for env in envs:
             assert env.actions[t] == pytest.approx([want] * 3, rel=1e-6), (t, env.actions[t])
+
+
+def test_vla_flow_chunks_are_the_next_actions_then_staying_put():
+    """Two episodes of 3 and 5 steps, actions (i / 100, -i / 100, grip) for step i: each drawn chunk of 4 must hold
+    steps i .. i + 3 while they are in i's episode, then (0, 0, the last step's grip)."""
+    config = vla.Config(**{**VLA_TINY, "chunk_size": 4})
+    steps = np.arange(8)
+    grip = np.where(steps % 2 == 0, 1.0, -1.0)
+    arrays = dict(obs=np.zeros((8, 4 + 5 * vla.N_OBJECTS), np.float32),
+                  actions=np.stack([steps / 100, -steps / 100, grip], 1).astype(np.float32),
+                  episode=np.array([0, 0, 0, 1, 1, 1, 1, 1]), end=np.array([3, 8]), missions=np.array(["a", "b"]),
+                  family=np.array([0, 0]), words=np.zeros((2, config.max_words), np.int64))
+    (_, _, _, _), chunks = vla.Batches(vla.Demos(arrays, config, "train"), config, 32, seed=0).next()
+    seen = set()
+    for chunk in chunks.numpy():
+        i = round(chunk[0, 0] * 100)
+        last = 2 if i < 3 else 7
+        want = [[j / 100, -j / 100, grip[j]] if j <= last else [0.0, 0.0, grip[last]] for j in range(i, i + 4)]
+        assert chunk == pytest.approx(np.array(want), abs=1e-6), (i, chunk)
+        seen.add(i)
+    assert {1, 2, 5, 6, 7} <= seen  # the chunks that run past an episode's end were drawn
 
 
 def test_vla_words_are_hashed_bags_padded_with_zeros():
