@@ -19,9 +19,12 @@ and judged closed loop, by the share of held-out episodes it solves.
 
 Against vlm.py (the nearest gaia model): the image goes through a convolutional stem (Xiao et al. 2021, "Early
 Convolutions Help Transformers See Better": stride-2 3x3 convs, then one token per cell of the last grid) instead of
-ViT patches; the instruction is a bag of hashed words (crc32 into n_words ids: no tokenizer to ship, any environment's
-missions map to ids); one bidirectional transformer (GPT-2's blocks, no causal mask) over image tokens, words and
-readout tokens; the output is actions, not text, so there is no generate() and no KV cache.
+ViT patches, with x, y input channels (CoordConv) and FiLM conditioning on the instruction (as RT-1's image encoder);
+the instruction is a bag of hashed words (crc32 into n_words ids: no tokenizer to ship, any environment's missions
+map to ids); one bidirectional transformer (GPT-2's blocks, no causal mask) over image tokens, words and readout
+tokens, whose readouts also get a linear map of the whole final grid (Stem and Model say why each of these is there:
+without them a CPU run's policy stayed at chance); the output is actions, not text, so there is no generate() and no
+KV cache.
 
 Environments (Gymnasium's API shape: reset(seed) -> obs, info; step(a) -> obs, reward, terminated, truncated, info;
 obs = {"image": uint8 (S, S, 3), "mission": str}):
