@@ -3228,12 +3228,12 @@ def test_jepa_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone():
 # BabyAI's expert replayed action by action through the adapter, and train.py's own runs for the loss and resume.
 
 VLA_TINY = dict(image_size=16, n_stem=2, stem_channels=8, n_layer=1, n_head=2, n_embd=32, flow_hidden=32,
-                chunk_size=4, n_demos=20, n_val_demos=4, eval_episodes=4)
+                chunk_size=4, n_demos=20, n_val_demos=4, eval_episodes=4, action_head="flow")
 VLA_RUN = ["--image_size=16", "--n_stem=2", "--stem_channels=8", "--n_layer=1", "--n_head=2", "--n_embd=32",
            "--flow_hidden=32", "--chunk_size=4", "--n_demos=20", "--n_val_demos=4", "--eval_episodes=4",
            "--batch_size=8", "--eval_iters=2", "--log_interval=1", "--learning_rate=3e-3", "--warmup_iters=2",
            "--action_head=tokens"]  # the generic tests' run; the flow head's loss is too noisy at batch 8 for their
-# "the last step's loss is below the first", so it has its own run below (means over steps)
+# "the last step's loss is below the first", so it has its own tests below
 BABYAI_LEVEL = "BabyAI-GoToRedBallGrey-v0"
 
 
@@ -3563,7 +3563,7 @@ def test_vla_short_run_fits_a_batch(head):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 

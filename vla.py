@@ -36,8 +36,8 @@ obs = {"image": uint8 (S, S, 3), "mission": str}):
   RGB, the mission as the instruction, 7 discrete actions, minigrid's BabyAIBot as the expert. Any gymnasium
   environment with an image and a text mission needs only the adapter's few lines (GymAdapter).
 
-    python train.py --model=vla                                          # tabletop, flow head, ~10 min on a CPU
-    python train.py --model=vla --action_head=tokens                     # RT-2's action tokens
+    python train.py --model=vla                                          # tabletop, action tokens
+    python train.py --model=vla --action_head=flow                       # pi0's flow matching
     python train.py --model=vla --env=babyai:BabyAI-GoToRedBallGrey-v0   # a BabyAI level (pip install minigrid)
 
 evaluate() runs success_<family> over eval_episodes held-out seeded episodes per family, and two baselines beside
@@ -73,14 +73,15 @@ class Config:
     n_embd: int = 128
     norm_eps: float = 1e-5
     dropout: float = 0.0
-    action_head: str = "flow"        # tokens (RT-2 / OpenVLA bins) | flow (pi0 flow matching over a chunk)
+    action_head: str = "tokens"      # tokens (RT-2 / OpenVLA bins) | flow (pi0 flow matching over a chunk)
     n_bins: int = 256                # tokens: uniform bins over [-1, 1] per action dimension
     chunk_size: int = 8              # flow: future actions predicted at once (pi0's H)
     flow_steps: int = 10             # flow: Euler steps from noise to actions at inference
     flow_hidden: int = 256           # flow: the action expert MLP's width
     ensemble_m: float = 0.01         # flow: ACT's temporal ensembling, weights exp(-m i), i = 0 the oldest prediction
     blind: bool = False              # True: train (and act) on empty instructions, the instruction-blind baseline
-    n_demos: int = 2000              # expert episodes per task family for training (cached in cache_dir)
+    n_demos: int = 10000             # expert episodes per task family for training (cached in cache_dir); 2000 of
+                                     # reach overfit in 1000 steps of 64 (train loss 0.20, val loss 1.57)
     n_val_demos: int = 50            # held-out expert episodes per family, for the val loss
     eval_episodes: int = 100         # held-out seeded episodes per family at each evaluate()
 
