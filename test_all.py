@@ -3492,7 +3492,7 @@ def babyai_config(**overrides):
 def test_vla_babyai_episode_runs_and_the_experts_demonstrations_replay_to_success():
     pytest.importorskip("minigrid")
     config = babyai_config()
-    obs, actions, lengths, missions = vla.record(config, 0, BABYAI_LEVEL, [0, 1, 2])
+    obs, actions, lengths, missions = vla.record(config, BABYAI_LEVEL, [0, 1, 2])
     assert len(lengths) == 3 and all(m == "go to the red ball" for m in missions)
     k = 0
     for seed, n in zip([0, 1, 2], lengths):

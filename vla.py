@@ -44,8 +44,8 @@ evaluate() runs success_<family> over eval_episodes held-out seeded episodes per
 it: success_<family>_blind (the same trained model given an empty instruction) and success_<family>_random (uniform
 random actions). --blind=True trains the model on empty instructions: the instruction-blind policy at its best.
 """
-import io
 import contextlib
+import io
 import hashlib
 import json
 import math
@@ -389,7 +389,7 @@ class Model(nn.Module):
         conv = sum(2 * m.weight.numel() * (c.image_size // 2 ** (i + 1)) ** 2 for i, m in enumerate(self.stem.convs))
         conv += 2 * self.stem.proj.weight.numel() * c.grid ** 2
         T = c.grid ** 2 + c.max_words + c.n_query
-        blocks = sum(p.numel() for n, p in self.transformer.h.named_parameters() if n.endswith("weight") and p.dim() == 2)
+        blocks = sum(p.numel() for p in self.transformer.h.parameters() if p.dim() == 2)  # the Linear weights
         head = self.lm_head.weight.numel() * c.n_query if c.action_head == "tokens" else sum(
             m.weight.numel() for m in (self.flow.fc1, self.flow.fc2, self.flow.fc3))
         return 3 * (conv + 2 * blocks * T + 4 * c.n_layer * T * T * c.n_embd + 2 * head)
@@ -623,7 +623,8 @@ class GymAdapter:
         return self.obs(obs), info
 
     def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(int(np.asarray(action).reshape(-1)[0]))  # an id, or [id]
+        action = int(np.asarray(action).reshape(-1)[0])  # an id, or [id]
+        obs, reward, terminated, truncated, info = self.env.step(action)
         return self.obs(obs), reward, terminated, truncated, {**info, "success": bool(terminated and reward > 0)}
 
 
@@ -686,7 +687,7 @@ class Demos:
         return render(self.obs[i], self.config.image_size) if self.config.env == "tabletop" else self.obs[i]
 
 
-def record(config, family_index, family, seeds):
+def record(config, family, seeds):
     """The expert's successful episodes on these seeds: lists of obs, actions and per-episode missions."""
     env, obs, actions, lengths, missions = make_env(config, family), [], [], [], []
     tabletop = config.env == "tabletop"
@@ -711,8 +712,9 @@ def record(config, family_index, family, seeds):
 def make_demos(config, split, n):
     obs, actions, lengths, missions, family = [], [], [], [], []
     for f, name in enumerate(config.families):
-        o, a, n_steps, m = record(config, f, name, [seed_of(split, f, k) for k in range(n)])
-        obs, actions, lengths, missions, family = obs + o, actions + a, lengths + n_steps, missions + m, family + [f] * len(m)
+        o, a, n_steps, m = record(config, name, [seed_of(split, f, k) for k in range(n)])
+        obs, actions, lengths, missions = obs + o, actions + a, lengths + n_steps, missions + m
+        family += [f] * len(m)
     dtype = np.float32 if config.env == "tabletop" else np.uint8
     return dict(obs=np.array(obs, dtype=dtype), actions=np.array(actions, dtype=np.float32),
                 episode=np.repeat(np.arange(len(lengths)), lengths), end=np.cumsum(lengths),
@@ -730,8 +732,9 @@ def load_splits(path, config, cache_dir=None):
                          f"babyai:LEVEL-ID); drop --data")
     splits = []
     for split, n in (("train", config.n_demos), ("val", config.n_val_demos)):
-        key = json.dumps([DEMO_VERSION, config.env, config.tasks, config.image_size if config.discrete else 0, split, n])
-        file = os.path.join(cache_dir, f"vla_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz") if cache_dir else None
+        key = json.dumps([DEMO_VERSION, config.env, config.tasks, config.image_size if config.discrete else 0, split,
+                          n]).encode()
+        file = os.path.join(cache_dir, f"vla_{hashlib.sha256(key).hexdigest()[:16]}.npz") if cache_dir else None
         if file and os.path.exists(file):
             with np.load(file) as f:
                 arrays = dict(f)
