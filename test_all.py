@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -3463,6 +3462,7 @@ def test_vla_flow_chunks_are_the_next_actions_then_staying_put():
 
 
 def test_vla_words_are_hashed_bags_padded_with_zeros():
+    import zlib
     c = vla.Config(max_words=6, n_words=512)
     ids = vla.words_of("Go to the red circle", c)
     assert ids[:5] == [1 + zlib.crc32(w.encode()) % 511 for w in ("go", "to", "the", "red", "circle")]
