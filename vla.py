@@ -44,9 +44,9 @@ evaluate() runs success_<family> over eval_episodes held-out seeded episodes per
 it: success_<family>_blind (the same trained model given an empty instruction) and success_<family>_random (uniform
 random actions). --blind=True trains the model on empty instructions: the instruction-blind policy at its best.
 
-Measured (2026-12-02, 2-core AMD EPYC, torch 2.13 CPU, OMP_NUM_THREADS=1, 1066 s wall on a shared core),
+Measured (2026-12-02, 2-core AMD EPYC, torch 2.13 CPU, nothing else running: 383 s wall, demonstrations included),
 `python train.py --model=vla`, success over 100 held-out episodes per family, policy / empty instruction / random:
-reach 0.80 / 0.44 / 0.05, push 0.08 / 0.00 / 0.00, place 0.15 / 0.00 / 0.00. The flow head and BabyAI: README.
+reach 0.85 / 0.42 / 0.05, push 0.14 / 0.01 / 0.00, place 0.19 / 0.00 / 0.00. The flow head and BabyAI: README.
 """
 import contextlib
 import io
