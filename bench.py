@@ -188,9 +188,13 @@ def bench_decode(args, extra):
               f"{per_token:>13} {cached_rate:>13} {no_cache:>15}")
 
 
+# a training step's line, nanoGPT's format and train.py's: `iter N: loss L, time Tms, ...`
+STEP_TIME = re.compile(r"^iter (\d+): .*?time ([\d.]+)ms", re.M)
+
+
 def median_ms(log):
-    """Median ms/iter of `iter N: ... time Xms` lines (nanoGPT's and gaia's format), skipping the first 5."""
-    ms = [float(t) for i, t in re.findall(r"^iter (\d+): .*?time ([\d.]+)ms", log, re.M) if int(i) >= 5]
+    """Median ms/iter of the step lines in log, skipping the first 5."""
+    ms = [float(t) for i, t in STEP_TIME.findall(log) if int(i) >= 5]
     return statistics.median(ms)
 
 
@@ -241,8 +245,8 @@ def train_until(command, cwd, target=None):
     steps, evals, lines = [], [], []
     for line in proc.stdout:
         lines.append(line)
-        if m := re.match(r"iter \d+: .*?time ([\d.]+)ms", line):
-            steps.append(float(m[1]) / 1000)
+        if m := STEP_TIME.match(line):
+            steps.append(float(m[2]) / 1000)
         elif m := re.match(r"step (\d+): .*val loss ([\d.]+)", line):
             evals.append((int(m[1]), float(m[2])))
             if target is not None and evals[-1][0] > 0 and evals[-1][1] <= target:  # trained to it, not born there

@@ -4846,10 +4846,6 @@ def interpreted_worker(out_dir, calls):
         os.replace(os.path.join(out_dir, f"{i}.tmp"), os.path.join(out_dir, f"{i}.json"))  # whole, or not there
 
 
-def interpreted_env():
-    return dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-
-
 class InterpretedChecks:
     """Triton's interpreter runs on one core for a couple of minutes in all; the rest of the suite leaves the second
     core half idle. So the selected interpreted checks start in one background process (one import of torch and
@@ -4861,7 +4857,8 @@ class InterpretedChecks:
             json.dump(calls, f)
         self.log = open(os.path.join(out_dir, "output.txt"), "w")
         code = f"import json, test_all; test_all.interpreted_worker({out_dir!r}, json.load(open({out_dir!r} + '/calls.json')))"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=interpreted_env(), stdout=self.log,
+        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
 
     def outcome(self, call, timeout=900):
