@@ -1,7 +1,8 @@
 """
 The fused ops gaia's model files call, each written twice: a plain-torch function that defines it (the math to
-read, and what runs on the CPU) and Triton kernels, forward and backward, that compute the same on a GPU in fewer
-passes over memory. One more op, RMSNorm, is also written in CUDA C++ (built on first use with load_inline).
+read, and what runs on the CPU but for one op) and Triton kernels, forward and backward, that compute the same on a GPU in fewer
+passes over memory. RMSNorm is also written in CUDA C++ (built on first use with load_inline), and GPT-2's GELU in
+C for the CPU (built on first use with the machine's C compiler: the end of this file).
 
     op                      torch path (the definition)          Triton path                     model files
     rms_norm                x / rms(x) * weight, fp32 stats      one row per program             llama moe mla mamba
@@ -15,7 +16,8 @@ passes over memory. One more op, RMSNorm, is also written in CUDA C++ (built on 
 
 Which path runs is one setting, `set_backend(name)`, set by train.py's `--kernels` key or by the environment
 variable GAIA_KERNELS:
-    auto    Triton on CUDA tensors when triton imports, the torch path otherwise (the default)
+    auto    Triton on CUDA tensors when triton imports, the torch path otherwise (the default); on the CPU,
+            gelu_tanh's C loop for fp32 where it builds
     triton  Triton always: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (the tests do that; slow)
     torch   the torch path always (e.g. to compare, or where torch.compile should see plain ops)
     cuda    as auto, with rms_norm in CUDA C++
@@ -102,7 +104,9 @@ def swiglu(gate, up):
 
 def gelu_tanh(x):
     """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return gelu_tanh_triton(x) if use_triton(x) else gelu_tanh_torch(x)
+    if use_triton(x):
+        return gelu_tanh_triton(x)
+    return gelu_tanh_c(x) if use_c(x) else gelu_tanh_torch(x)
 
 
 def attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
@@ -1273,3 +1277,144 @@ def rms_norm_cuda(x, weight, eps):
     """weight * (x32 * rsqrt(mean(x32^2) + eps)).type_as(x) for x (..., C) fp32/fp16/bf16 on a CUDA GPU, weight (C,);
     output dtype promote_types(weight.dtype, x.dtype); grads for x and weight from the CUDA backward."""
     return RMSNormCUDA.apply(x, weight, eps)
+
+
+# === C for the CPU: GPT-2's GELU, built on first use ===
+# ATen has no fast CPU kernel for the tanh GELU, and GELUTanhCPU, though faster than it, makes ten passes over
+# memory forward and sixteen backward where one loop makes two and three. This loop, compiled with the machine's
+# C compiler (cc, or $CC) on first use, runs gelu_tanh for fp32 CPU tensors under kernels=auto; where there is no
+# compiler, or glibc's vector math library (libmvec) is missing so expf would not vectorize, GELUTanhCPU runs.
+
+_GELU_TANH_C = r"""
+#include <math.h>
+#include <stdint.h>
+#define A 1.5957691216057308f  /* 2 sqrt(2/pi): 0.5 (1 + tanh(z)) = sigmoid(2z) */
+#define C 0.044715f
+
+/* glibc's libmvec has expf for 4, 8 and 16 lanes (_ZGV*_expf): declared so, gcc calls them in the loops below */
+#pragma omp declare simd notinbranch
+float expf(float);
+
+/* sigmoid(u), u = A (x + C x^3); 0 below u = -80 (where it is < 2e-35), so expf(-u) never overflows and
+   x sigmoid(u) is exactly 0 for large negative x, as the formula's tanh gives */
+static inline float sigmoid_u(float x) {
+    float u = x * (A + A * C * x * x);
+    u = u > 80.0f ? 80.0f : u;
+    return u < -80.0f ? 0.0f : 1.0f / (1.0f + expf(-u));
+}
+
+void gelu_tanh_forward(const float *restrict x, float *restrict y, int64_t n) {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * sigmoid_u(x[i]);
+}
+
+/* d/dx [x s(u)] = s + x s (1 - s) u', u' = A (1 + 3 C x^2) with x capped at |x| = 20 (s (1 - s) is 0 there) */
+void gelu_tanh_backward(const float *restrict x, const float *restrict dy, float *restrict dx, int64_t n) {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        float s = sigmoid_u(x[i]), w = x[i] > 20.0f ? 20.0f : (x[i] < -20.0f ? -20.0f : x[i]);
+        dx[i] = dy[i] * (s + x[i] * s * (1.0f - s) * (A + 3.0f * A * C * w * w));
+    }
+}
+"""
+# no -ffast-math: its reassociation turns x s (1 - s) into x s - x s s, garbage for large x, and a shared library
+# linked with it flushes denormals to zero in the whole process, torch included
+C_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared"]
+C_GRAIN = 1 << 16  # elements per thread: smaller tensors run in one thread
+c_unavailable = None  # why the C loop is not used on this machine (a line), once _c_library has looked
+
+
+@functools.cache
+def _c_library():
+    """The compiled loop (ctypes), built once per machine and source into $GAIA_CACHE_DIR (default ~/.cache/gaia),
+    keyed by a hash of the source, the flags and the CPU's features (-march=native); None where it cannot be built."""
+    global c_unavailable
+    import ctypes
+    import hashlib
+    import platform
+    import shutil
+    import subprocess
+    import tempfile
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        c_unavailable = f"no C compiler ({cc!r} not found; set CC)"
+        return None
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    key = hashlib.sha256("\0".join([_GELU_TANH_C, cc, *C_FLAGS, cpu]).encode()).hexdigest()[:16]
+    cache = os.environ.get("GAIA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gaia")
+    path = os.path.join(cache, f"gelu_tanh_{key}.so")
+    if not os.path.exists(path):
+        try:
+            os.makedirs(cache, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                src, lib = os.path.join(tmp, "gelu.c"), os.path.join(tmp, "gelu.so")
+                with open(src, "w") as f:
+                    f.write(_GELU_TANH_C)
+                subprocess.run([cc, *C_FLAGS, src, "-o", lib, "-lmvec", "-lm"], check=True, capture_output=True,
+                               timeout=120)
+                with open(lib, "rb") as f:
+                    if b"_ZGV" not in f.read():  # libmvec's vector function names: without them expf ran scalar
+                        c_unavailable = f"{cc} did not vectorize expf (no libmvec calls); the torch path is faster"
+                        return None
+                os.replace(lib, path)  # atomic: processes building at once each put a whole file in place
+        except (OSError, subprocess.SubprocessError) as e:
+            err = getattr(e, "stderr", b"") or b""
+            c_unavailable = f"building the C GELU failed: {e} {err.decode(errors='replace').strip()[:300]}"
+            return None
+    lib = ctypes.CDLL(path)
+    ptr, n = ctypes.c_void_p, ctypes.c_int64
+    lib.gelu_tanh_forward.argtypes = [ptr, ptr, n]
+    lib.gelu_tanh_backward.argtypes = [ptr, ptr, ptr, n]
+    return lib
+
+
+@functools.cache
+def _c_threads(n):
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(n, thread_name_prefix="gaia-c")
+
+
+def _c_run(fn, tensors, n):
+    """fn(pointers..., count) over n elements of contiguous fp32 tensors, split across torch's thread count: ctypes
+    lets go of the GIL during the call, so Python threads run the pieces side by side."""
+    threads = max(1, min(torch.get_num_threads(), n // C_GRAIN))
+    step = math.ceil(n / threads / 16) * 16 if threads > 1 else n  # whole 64-byte lines per piece
+    jobs = [_c_threads(threads).submit(fn, *(t.data_ptr() + 4 * i for t in tensors), min(step, n - i))
+            for i in range(step, n, step)]  # every piece but the first to the pool; this thread takes the first
+    fn(*(t.data_ptr() for t in tensors), min(step, n))
+    for job in jobs:
+        job.result()
+
+
+class GELUTanhC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        _c_run(_c_library().gelu_tanh_forward, (x, y), x.numel())
+        ctx.save_for_backward(x)  # only x: the backward recomputes sigmoid(u) in its one pass
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dy = dy.to(x.dtype).contiguous()
+        dx = torch.empty_like(x)
+        _c_run(_c_library().gelu_tanh_backward, (x, dy, dx), x.numel())
+        return dx
+
+
+def use_c(x):
+    """Whether gelu_tanh takes the C loop: kernels=auto (or cuda) and an fp32 tensor on the CPU that is not a DTensor
+    and not being traced by torch.compile, on a machine where the loop builds."""
+    return (_backend in ("auto", "cuda") and x.device.type == "cpu" and x.dtype == torch.float32
+            and not isinstance(x, DTensor) and not torch.compiler.is_compiling() and _c_library() is not None)
+
+
+def gelu_tanh_c(x):
+    """gelu_tanh_torch for an fp32 CPU tensor, one pass forward and one backward (the C loop above)."""
+    return GELUTanhC.apply(x)

@@ -323,7 +323,7 @@ def test_gpt2_cpu_gelu_is_the_tanh_formula():
     # float32, the path training takes, over the whole range: values and gradients against the formula's autograd
     x = torch.cat([GELU_POINTS, torch.tensor([1e30, -1e30])]).requires_grad_()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    y = kernels.gelu_tanh(x)
+    y = kernels.gelu_tanh_torch(x)
     (dx,) = torch.autograd.grad(y, x, g)
     x64 = x.detach().double().requires_grad_()
     y64 = gelu_tanh_reference(x64)
@@ -331,6 +331,68 @@ def test_gpt2_cpu_gelu_is_the_tanh_formula():
     assert y.grad_fn.name() == "GELUTanhCPUBackward"  # the dispatch took this branch
     torch.testing.assert_close(y.double(), y64.nan_to_num(), rtol=1e-6, atol=1e-6)  # 1e30^3 overflows the formula
     torch.testing.assert_close(dx.double(), dx64.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+def c_gelu_or_skip():
+    if kernels._c_library() is None:
+        pytest.skip(f"the C GELU does not build here: {kernels.c_unavailable}")
+
+
+@pytest.mark.parametrize("threads, n", [(1, 13), (1, 3 * 2 ** 16 + 21), (3, 3 * 2 ** 16 + 21)])
+def test_gpt2_c_gelu_is_the_tanh_formula(kernels_backend, threads, n):
+    """The C loop kernels=auto runs for fp32 CPU tensors: values and gradients against the formula in float64 over
+    the whole range (huge, tiny and denormal inputs included), on a transposed (non-contiguous) tensor: 13 elements
+    (fewer than a vector: the compiler's scalar tail loop) or 3 * C_GRAIN + 21, which 3 threads cut into three
+    pieces (the last one shorter, not a multiple of 16). Under kernels=torch GELUTanhCPU runs instead."""
+    c_gelu_or_skip()
+    kernels_backend("auto")
+    assert kernels.C_GRAIN == 2 ** 16
+    points = torch.cat([torch.tensor([1e30, -1e30, 1e-40, -1e4, 3.0]), GELU_POINTS])
+    x = points.repeat(n // len(points) + 1)[:n]
+    x = x.view(-1, 1 if n < 100 else 3).t().contiguous().t().requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels.gelu_tanh(x)
+        (dx,) = torch.autograd.grad(y, x, g)
+    finally:
+        torch.set_num_threads(previous)
+    assert y.grad_fn.name() == "GELUTanhCBackward"
+    x64 = x.detach().double().requires_grad_()
+    y64 = gelu_tanh_reference(x64)
+    (dx64,) = torch.autograd.grad(y64, x64, g.double())
+    torch.testing.assert_close(y.double(), y64.nan_to_num(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.double(), dx64.nan_to_num(), rtol=1e-5, atol=1e-5)
+    kernels_backend("torch")
+    assert kernels.gelu_tanh(x).grad_fn.name() == "GELUTanhCPUBackward"
+    assert kernels.gelu_tanh(x.detach().double()).dtype == torch.float64  # not fp32: never the C loop
+
+
+def test_gpt2_c_gelu_leaves_denormals_alone():
+    """Loading the C library keeps the process's floating-point mode: a shared library linked with -ffast-math
+    would switch on flush-to-zero for all of torch, and 1e-40 (a denormal) would become 0."""
+    c_gelu_or_skip()
+    tiny = torch.tensor([1e-40]) * torch.tensor([1.0])
+    assert tiny.item() != 0 and torch.finfo(torch.float32).tiny > 1e-40
+
+
+@pytest.mark.parametrize("cc, reason", [("/nonexistent/cc", "no C compiler"), ("false", "building the C GELU failed")])
+def test_gpt2_c_gelu_falls_back_without_a_compiler(tmp_path, cc, reason):
+    """No compiler, or one that fails: gelu_tanh runs GELUTanhCPU and kernels.c_unavailable says why; a working
+    compiler builds the library once into GAIA_CACHE_DIR."""
+    code = ("import torch, kernels; y = kernels.gelu_tanh(torch.randn(4, requires_grad=True)); "
+            "print(y.grad_fn.name(), '|', kernels.c_unavailable)")
+    env = dict(os.environ, CC=cc, GAIA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    name, why = out.stdout.strip().split(" | ")
+    assert name == "GELUTanhCPUBackward" and why.startswith(reason)
+    assert not list(tmp_path.glob("*.so"))
+    if kernels._c_library() is not None:
+        env["CC"] = os.environ.get("CC", "cc")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "GELUTanhCBackward | None"
+        assert len(list(tmp_path.glob("gelu_tanh_*.so"))) == 1
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -8)])
@@ -4498,7 +4560,8 @@ def kernels_backend():
 
 def test_kernels_dispatch_follows_the_backend(kernels_backend, monkeypatch):
     """set_backend refuses an unknown name, naming the choices. Under auto, torch and cuda the public ops give
-    their torch path's result on CPU tensors and never enter a Triton function (each replaced here by a trap);
+    their torch path's result on CPU tensors (gelu_tanh: the C loop's under auto and cuda, where it builds) and never
+    enter a Triton function (each replaced here by a trap);
     under triton, CPU tensors outside Triton's interpreter are an error naming TRITON_INTERPRET."""
     with pytest.raises(ValueError, match="'fast' is not one of auto, triton, torch, cuda"):
         kernels_backend("fast")
@@ -4519,8 +4582,10 @@ def test_kernels_dispatch_follows_the_backend(kernels_backend, monkeypatch):
     for name in ("auto", "torch", "cuda"):
         kernels_backend(name)
         for op, (args, torch_args) in ops.items():
-            torch.testing.assert_close(getattr(kernels, op)(*args), getattr(kernels, f"{op}_torch")(*torch_args),
-                                       rtol=0, atol=0, msg=f"{name} {op}")
+            # the one CPU speed path: GPT-2's GELU in C, for fp32 on the CPU under auto and cuda
+            expected = kernels.gelu_tanh_c if op == "gelu_tanh" and kernels.use_c(x) else getattr(kernels, f"{op}_torch")
+            torch.testing.assert_close(getattr(kernels, op)(*args), expected(*torch_args), rtol=0, atol=0,
+                                       msg=f"{name} {op}")
     assert entered == []
     if not kernels.HAS_TRITON:
         with pytest.raises(ValueError, match="needs the triton package"):

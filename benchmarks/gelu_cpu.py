@@ -1,7 +1,8 @@
 """
 Benchmark of GPT-2's tanh GELU on the CPU: ATen's F.gelu(approximate="tanh"), kernels.py's GELUTanhCPU (the same
-function as x * sigmoid(u), backward written out) and, for scale, ATen's erf GELU (nanoGPT's), forward and
-backward on one MLP activation of the cpu-anchor shapes (B=16, T=128, 4 * n_embd = 512), fp32.
+function as x * sigmoid(u), backward written out), kernels.py's C loop (GELUTanhC, what kernels=auto runs where
+it builds) and, for scale, ATen's erf GELU (nanoGPT's), forward and backward on one MLP activation of the
+cpu-anchor shapes (B=16, T=128, 4 * n_embd = 512), fp32.
 
   python bench.py gelu                     # defaults below
   python bench.py gelu --shape=16,128,512 --repeats=200
@@ -33,6 +34,10 @@ def main():
     grad = torch.randn_like(x)
     kinds = {"aten tanh": lambda t: F.gelu(t, approximate="tanh"), "gaia tanh": kernels.GELUTanhCPU.apply,
              "aten erf": F.gelu}
+    if kernels._c_library() is not None:
+        kinds["gaia C"] = kernels.GELUTanhC.apply
+    else:
+        print(f"(gaia's C loop is not built here: {kernels.c_unavailable})")
     times = {k: {"forward": [], "backward": []} for k in kinds}
     for i in range(args.repeats + 5):  # alternate the kinds, so load drift on the machine hits all alike
         for name, fn in kinds.items():
