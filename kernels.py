@@ -1381,7 +1381,7 @@ def _c_run(fn, tensors, n):
     """fn(pointers..., count) over n elements of contiguous fp32 tensors, split across torch's thread count: ctypes
     lets go of the GIL during the call, so Python threads run the pieces side by side."""
     threads = max(1, min(torch.get_num_threads(), n // C_GRAIN))
-    step = math.ceil(n / threads / 16) * 16 if threads > 1 else n  # whole 64-byte lines per piece
+    step = math.ceil(n / threads / 16) * 16 if threads > 1 else max(n, 1)  # whole 64-byte lines per piece
     jobs = [_c_threads(threads).submit(fn, *(t.data_ptr() + 4 * i for t in tensors), min(step, n - i))
             for i in range(step, n, step)]  # every piece but the first to the pool; this thread takes the first
     fn(*(t.data_ptr() for t in tensors), min(step, n))

@@ -364,6 +364,8 @@ def test_gpt2_c_gelu_is_the_tanh_formula(kernels_backend, threads, n):
     (dx64,) = torch.autograd.grad(y64, x64, g.double())
     torch.testing.assert_close(y.double(), y64.nan_to_num(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dx.double(), dx64.nan_to_num(), rtol=1e-5, atol=1e-5)
+    empty = torch.empty(0, 5, requires_grad=True)
+    assert kernels.gelu_tanh(empty).grad_fn.name() == "GELUTanhCBackward" and kernels.gelu_tanh(empty).shape == (0, 5)
     kernels_backend("torch")
     assert kernels.gelu_tanh(x).grad_fn.name() == "GELUTanhCPUBackward"
     assert kernels.gelu_tanh(x.detach().double()).dtype == torch.float64  # not fp32: never the C loop
@@ -3501,6 +3503,39 @@ def test_vla_euler_sampler_integrates_a_known_field_exactly():
     m.flow = KnownField(lambda x, t: (x - a) / t[:, None, None])
     act = m.act(torch.zeros(2, 3, 16, 16), torch.zeros(2, m.config.max_words, dtype=torch.long))
     torch.testing.assert_close(act, a, atol=1e-6, rtol=0)
+
+
+class FixedLogits(torch.nn.Module):
+    """An lm_head that ignores its input and gives the same logits (action_dim, n_actions) to every example."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, h):
+        return self.logits.expand(h.shape[0], *self.logits.shape)
+
+
+def test_vla_discrete_actions_are_sampled_and_bins_are_the_argmax():
+    """A discrete env's policy draws its action from softmax(logits): over 4000 draws each action's frequency is
+    within 4 standard deviations of its probability, and the same seed gives the same draws. Continuous bins stay
+    the argmax's centre."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0, 0.0, 0.0])
+    m = tiny_vla(env="babyai:" + BABYAI_LEVEL, action_head="tokens")
+    m.lm_head = FixedLogits(probs.log()[None])
+    images, words = torch.zeros(4000, 3, 16, 16), torch.zeros(4000, m.config.max_words, dtype=torch.long)
+    ids = m.act(images, words, torch.Generator().manual_seed(0))
+    assert ids.shape == (4000, 1, 1)
+    freq = torch.bincount(ids.flatten().long(), minlength=7).double() / 4000
+    assert ((freq - probs.double()).abs() <= 4 * (probs * (1 - probs) / 4000).sqrt() + 1e-12).all(), freq
+    torch.testing.assert_close(m.act(images, words, torch.Generator().manual_seed(0)), ids, rtol=0, atol=0)
+    m = tiny_vla(action_head="tokens")
+    logits = torch.full((3, m.config.n_bins), -5.0)
+    logits[0, 7], logits[1, 200], logits[2, 128] = 1.0, 2.0, 3.0
+    m.lm_head = FixedLogits(logits)
+    acts = m.act(images[:2], words[:2], torch.Generator().manual_seed(0))
+    expected = vla.bin_to_value(torch.tensor([7, 200, 128]), m.config.n_bins)
+    torch.testing.assert_close(acts, expected.expand(2, 1, 3), rtol=0, atol=0)
 
 
 def test_vla_temporal_ensembling_weights_by_hand():

@@ -33,7 +33,8 @@ obs = {"image": uint8 (S, S, 3), "mission": str}):
   red circle"), push ("push the blue square to the left edge"), place ("put the green triangle on the yellow
   square"). A scripted expert (Tabletop.expert) solves them; its rollouts are the demonstrations.
 - babyai:LEVEL-ID (BabyAI, Chevalier-Boisvert et al. 2019, inside the minigrid package): the full grid rendered to
-  RGB, the mission as the instruction, 7 discrete actions, minigrid's BabyAIBot as the expert. Any gymnasium
+  RGB, the mission as the instruction, 7 discrete actions (sampled from the policy's softmax, as BabyAI's own
+  evaluation does), minigrid's BabyAIBot as the expert. Any gymnasium
   environment with an image and a text mission needs only the adapter's few lines (GymAdapter).
 
     python train.py --model=vla                                          # tabletop, action tokens
@@ -373,12 +374,17 @@ class Model(nn.Module):
     @torch.no_grad()
     def act(self, images, words, generator=None):
         """The policy: (B, chunk, action_dim) actions for this step and the next ones (chunk 1 for tokens); a discrete
-        env's action ids as floats. Flow draws its noise from generator (evaluation passes a seeded one)."""
+        env's action ids as floats, sampled from the policy's distribution. Flow draws its noise, a discrete env its
+        actions, from generator (evaluation passes a seeded one)."""
         c = self.config
         h = self.encode(images, words)
         if c.action_head == "tokens":
-            ids = self.lm_head(h).argmax(-1)  # (B, action_dim)
-            return (ids.float() if c.discrete else bin_to_value(ids, c.n_bins))[:, None, :]
+            logits = self.lm_head(h)  # (B, action_dim, n_actions)
+            if c.discrete:  # sampled, as BabyAI's own evaluation does: an argmax imitation policy that errs in a state
+                # errs the same way each time it returns there, and turns left and right in place until time runs out
+                probs = logits[:, 0].float().softmax(-1).cpu()
+                return torch.multinomial(probs, 1, generator=generator).float().to(h.device)[:, None, :]  # (B, 1, 1)
+            return bin_to_value(logits.argmax(-1), c.n_bins)[:, None, :]  # the most likely bin of each dimension
         noise = torch.randn(images.shape[0], c.chunk_size, c.action_dim, generator=generator).to(images.device)
         return euler(lambda x, t: self.flow(x, t, h[:, 0]), noise, c.flow_steps).clamp(-1, 1)
 
