@@ -1,8 +1,8 @@
 """
 The fused ops gaia's model files call, each written twice: a plain-torch function that defines it (the math to
-read, and what runs on the CPU but for one op) and Triton kernels, forward and backward, that compute the same on a GPU in fewer
-passes over memory. RMSNorm is also written in CUDA C++ (built on first use with load_inline), and GPT-2's GELU in
-C for the CPU (built on first use with the machine's C compiler: the end of this file).
+read, and what runs on the CPU but for one op) and Triton kernels, forward and backward, that compute the same on a
+GPU in fewer passes over memory. RMSNorm is also written in CUDA C++ (built on first use with load_inline), and
+GPT-2's GELU in C for the CPU (built on first use with the machine's C compiler: the end of this file).
 
     op                      torch path (the definition)          Triton path                     model files
     rms_norm                x / rms(x) * weight, fp32 stats      one row per program             llama moe mla mamba
