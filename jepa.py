@@ -423,21 +423,27 @@ class ImageSplit:
 
 
 SHAPES = ("circle", "ring", "square", "diamond", "triangle", "cross", "star", "crescent")
-BUILTIN = dict(version=1, n_train=6000, n_val=1200, train_seed=1, val_seed=2)  # the built-in data's parameters
+BUILTIN = dict(version=2, n_train=6000, n_val=1200, train_seed=1, val_seed=2)  # the built-in data's parameters
 
 
 def render_shapes(n, size, seed):
-    """n images (n, size, size, 3) uint8 of one shape each, and their labels (n,) (indices into SHAPES): random
-    colour, size, position and (where it matters) rotation, on a background of one of four kinds (flat, stripes,
-    a gradient, a checkerboard) in two nearby random colours, plus pixel noise. Deterministic in seed; numpy only."""
+    """n images (n, size, size, 3) uint8 of one shape each, and their labels (n,) (indices into SHAPES): a light
+    shape of random tint, size, position and tilt on a dark textured background of random
+    tint: one of four patterns (flat, stripes, a gradient, a checkerboard) in two nearby colours, over a mosaic of
+    8 x 8 tiles each shifted by its own random colour, plus pixel noise. The tints are mild beside the light/dark
+    contrast, so colour does not drown the shape; the tiles make the background of a hidden block unpredictable
+    from the rest of the image, so what one block tells about another is mostly the shape. Deterministic in seed;
+    numpy only."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(SHAPES), n)
     images = np.empty((n, size, size, 3), np.uint8)
     y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size  # pixel centres in (0, 1)
+    tile = np.arange(size) * 8 // size  # each pixel's tile row (and column): an 8 x 8 mosaic
     for start in range(0, n, 500):  # vectorized over 500 images at a time (bounded memory)
         lab = labels[start:start + 500]
         m = len(lab)
         p = lambda *shape: rng.random((m,) + shape, dtype=np.float32)  # noqa: E731  (uniform [0, 1), per image)
+        tint = lambda lo, hi: lo + (hi - lo) * p(1, 1, 1) + 0.3 * (p(1, 1, 3) - 0.5)  # noqa: E731  (a grey level, tinted)
         # background: t in [0, 1] per pixel mixes two colours
         kind, angle = rng.integers(0, 4, m)[:, None, None], p(1, 1) * np.pi
         along = x * np.cos(angle) + y * np.sin(angle)  # (m, size, size)
@@ -446,16 +452,15 @@ def render_shapes(n, size, seed):
                       [np.zeros_like(along), np.sin(2 * np.pi * freq * along) > 0,
                        (along - along.min((1, 2), keepdims=True)) / np.ptp(along, (1, 2), keepdims=True)],
                       (np.sin(np.pi * freq * x) * np.sin(np.pi * freq * y)) > 0)
-        c1 = p(1, 1, 3)
-        c2 = np.clip(c1 + 0.5 * (p(1, 1, 3) - 0.5), 0, 1)  # a second colour near the first: the shape stands out
-        background = c1 + t[..., None] * (c2 - c1)
+        c1 = np.clip(tint(0.1, 0.35), 0, 1)  # dark
+        c2 = np.clip(c1 + 0.5 * (p(1, 1, 3) - 0.5), 0, 1)  # a second colour near the first
+        tiles = 0.6 * (p(8, 8, 3) - 0.5)
+        background = c1 + t[..., None] * (c2 - c1) + tiles[:, tile][:, :, tile]
         # the shape, in its own frame: (u, v) = the pixel relative to the centre, rotated by -theta, / radius
-        r = 0.24 + 0.16 * p(1, 1)
+        r = 0.36 + 0.09 * p(1, 1)
         cx, cy = r + (1 - 2 * r) * p(1, 1), r + (1 - 2 * r) * p(1, 1)
-        kind_of = lambda *names: np.isin(lab, [SHAPES.index(s) for s in names])[:, None, None]  # noqa: E731
-        # square, diamond and cross only tilt by up to 15 degrees (a square turned 45 degrees is the diamond)
-        theta = np.where(kind_of("square", "diamond", "cross"), (p(1, 1) - 0.5) * np.pi / 6, p(1, 1) * 2 * np.pi)
-        theta = theta + np.where(kind_of("diamond"), np.pi / 4, 0)
+        # every shape stands upright, tilted by up to 15 degrees (a square turned 45 degrees is the diamond)
+        theta = (p(1, 1) - 0.5) * np.pi / 6 + np.where(lab == SHAPES.index("diamond"), np.pi / 4, 0)[:, None, None]
         dx, dy = x - cx, y - cy
         u = (dx * np.cos(theta) + dy * np.sin(theta)) / r
         v = (-dx * np.sin(theta) + dy * np.cos(theta)) / r
@@ -471,9 +476,7 @@ def render_shapes(n, size, seed):
             "crescent": (rho <= 1) & ((u - 0.45) ** 2 + v ** 2 > 0.75 ** 2),
         }
         mask = np.select([lab[:, None, None] == i for i in range(len(SHAPES))], [inside[s] for s in SHAPES])
-        # the shape's colour: a random hue, dark on a light background and light on a dark one
-        light = background.mean((1, 2, 3)) > 0.5
-        colour = np.where(light[:, None, None, None], 0.45 * p(1, 1, 3), 0.55 + 0.45 * p(1, 1, 3))
+        colour = tint(0.65, 0.95)  # light
         out = np.where(mask[..., None], colour, background)
         out = out + rng.normal(0, 1, out.shape).astype(np.float32) * (0.06 * p(1, 1, 1))
         images[start:start + m] = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -591,9 +594,10 @@ class Batches:
 # ---------------------------------------------------------------- evaluation: a linear probe on frozen features
 
 # train.py's keys for `python train.py --model=jepa` (config files and --key=value still override): the reference's
-# AdamW weight decay (0.04), and a batch of 64 images (the reference: 2048) for a CPU
+# AdamW weight decay (0.04), and a batch of 64 images (the reference: 2048) for a CPU; on the built-in shapes the probe
+# levels off by iteration 150 (0.51 against 0.40 for a random encoder) and a longer schedule ends lower (0.43 at 800)
 TRAIN_DEFAULTS = dict(batch_size=64, learning_rate=1e-3, min_lr=1e-5, weight_decay=0.04, warmup_iters=40,
-                      max_iters=400, eval_interval=100, eval_iters=5, log_interval=20)
+                      max_iters=300, eval_interval=50, eval_iters=5, log_interval=20)
 
 PROBE_TRAIN = 2000  # the probe is fit on this many training images (a fixed subset), scored on all of val
 _random_probe = {}  # probe_acc_random, computed once per (config, splits)
