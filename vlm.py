@@ -36,13 +36,12 @@ questions, per kind; --blind=True trains the same model on blank images, the bas
     python train.py --model=vlm --blind=True     # the baseline: the same run on blank images
     python train.py --model=vlm --data=qa.jsonl  # your images and questions
 
-Measured (2026-12-02, 2-core AMD EPYC, torch 2.13 CPU, OMP_NUM_THREADS=1, the two runs side by side on one core that a
-third process also used: 2371 s wall each for 3000 iterations, not timed alone; the same model and batch ran 3000
-iterations in 557 s on a quiet core), `python train.py --model=vlm` against `--blind=True`, exact match on the 300
-held-out questions: overall 0.437 vs 0.307; colour 0.400 vs 0.183; exists 0.800 vs 0.467; caption 0.100 vs 0.000;
-count 0.600 vs 0.600; position 0.283 vs 0.283; unseen pairs 0.340 vs 0.253 (at iteration 1000: overall 0.350 vs 0.310,
-colour 0.367 vs 0.150). The image is used for colour, existence and captions; counting and positions are not learned
-in this budget (the two runs score the same).
+Measured (2026-12-02, 2-core AMD EPYC, torch 2.13 CPU, OMP_NUM_THREADS=1, the two runs side by side, each on its own
+core, nothing else running: 449 and 452 s wall for 3000 iterations), `python train.py --model=vlm` against
+`--blind=True`, exact match on the 300 held-out questions: overall 0.437 vs 0.307; colour 0.400 vs 0.183; exists 0.800
+vs 0.467; caption 0.100 vs 0.000; count 0.600 vs 0.600; position 0.283 vs 0.283; unseen pairs 0.340 vs 0.253 (at
+iteration 1000: overall 0.350 vs 0.310, colour 0.367 vs 0.150). The image is used for colour, existence and captions;
+counting and positions are not learned in this budget (the two runs score the same).
 """
 import functools
 import json
