@@ -233,7 +233,8 @@ def bench_cpu_anchor(args, extra):
     tok = 16 * 128
     print(f"nanoGPT: {nano:.1f} ms/iter ({tok / nano * 1000:,.0f} tokens/s), runs {results['nanoGPT']}")
     print(f"gaia:    {gaia:.1f} ms/iter ({tok / gaia * 1000:,.0f} tokens/s), runs {results['gaia']}")
-    print(f"gaia / nanoGPT tokens/s per round: {', '.join(f'{n / g:.2f}' for n, g in zip(results['nanoGPT'], results['gaia']))}")
+    rounds = ", ".join(f"{n / g:.2f}" for n, g in zip(results["nanoGPT"], results["gaia"]))
+    print(f"gaia / nanoGPT tokens/s per round: {rounds}")
     print(f"gaia / nanoGPT tokens/s: {nano / gaia:.2f}x (ratio of medians), {paired:.2f}x (median of per-round ratios)")
 
 

@@ -1288,8 +1288,8 @@ def rms_norm_cuda(x, weight, eps):
 _GELU_TANH_C = r"""
 #include <math.h>
 #include <stdint.h>
-#define A 1.5957691216057308f  /* 2 sqrt(2/pi): 0.5 (1 + tanh(z)) = sigmoid(2z) */
-#define C 0.044715f
+#define A %(A)rf  /* 2 sqrt(2/pi): 0.5 (1 + tanh(z)) = sigmoid(2z) */
+#define C %(C)rf
 
 /* glibc's libmvec has expf for 4, 8 and 16 lanes (_ZGV*_expf): declared so, gcc calls them in the loops below */
 #pragma omp declare simd notinbranch
@@ -1343,7 +1343,8 @@ def _c_library():
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    key = hashlib.sha256("\0".join([_GELU_TANH_C, cc, *C_FLAGS, cpu]).encode()).hexdigest()[:16]
+    source = _GELU_TANH_C % dict(A=GELUTanhCPU.A, C=GELUTanhCPU.C)  # the torch path's constants
+    key = hashlib.sha256("\0".join([source, cc, *C_FLAGS, cpu]).encode()).hexdigest()[:16]
     cache = os.environ.get("GAIA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gaia")
     path = os.path.join(cache, f"gelu_tanh_{key}.so")
     if not os.path.exists(path):
@@ -1352,7 +1353,7 @@ def _c_library():
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 src, lib = os.path.join(tmp, "gelu.c"), os.path.join(tmp, "gelu.so")
                 with open(src, "w") as f:
-                    f.write(_GELU_TANH_C)
+                    f.write(source)
                 subprocess.run([cc, *C_FLAGS, src, "-o", lib, "-lmvec", "-lm"], check=True, capture_output=True,
                                timeout=120)
                 with open(lib, "rb") as f:
