@@ -3335,13 +3335,14 @@ def test_jepa_config_rebuilds_from_its_dict_and_the_model_leaves_it_alone():
 # ------------------------------------------------------------------------------------- vla.py
 # Tests of vla.py. The references are written here: success checks on scenes placed by hand, the expert's successes
 # counted over seeded episodes, RT-2's bins by their formula, the flow-matching loss and the Euler sampler against the
-# straight path's closed form, ACT's weights by hand and a fake environment that records what rollout() executes,
-# BabyAI's expert replayed action by action through the adapter, and train.py's own runs for the loss and resume.
+# straight path's closed form, the action expert's attention written out, ACT's weights by hand and a fake
+# environment that records what rollout() executes, BabyAI's expert replayed action by action through the adapter,
+# and train.py's own runs for the loss and resume.
 
-VLA_TINY = dict(image_size=16, n_stem=2, stem_channels=8, n_layer=1, n_head=2, n_embd=32, flow_hidden=32,
+VLA_TINY = dict(image_size=16, n_stem=2, stem_channels=8, n_layer=1, n_head=2, n_embd=32, flow_layers=1,
                 chunk_size=4, n_demos=20, n_val_demos=4, eval_episodes=4, action_head="flow")
 VLA_RUN = ["--image_size=16", "--n_stem=2", "--stem_channels=8", "--n_layer=1", "--n_head=2", "--n_embd=32",
-           "--flow_hidden=32", "--chunk_size=4", "--n_demos=20", "--n_val_demos=4", "--eval_episodes=4",
+           "--flow_layers=1", "--chunk_size=4", "--n_demos=20", "--n_val_demos=4", "--eval_episodes=4",
            "--batch_size=8", "--eval_iters=2", "--log_interval=1", "--learning_rate=3e-3", "--warmup_iters=2",
            "--action_head=tokens", "--tasks=reach"]  # the generic tests' run (one family: shorter evals); the flow head's loss is too noisy at batch 8 for their
 # "the last step's loss is below the first", so it has its own tests below
@@ -3472,13 +3473,16 @@ class KnownField(torch.nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, x_t, t, h):
+    def forward(self, x_t, t, context, mask):
         return self.fn(x_t, t)
 
 
 def test_vla_flow_matching_loss_equals_its_formula_on_a_fixed_sample():
+    """The flow head's loss: the velocity's mean squared error plus the readouts' cross-entropy over the current
+    action's bins (uniform logits here: ln n_bins)."""
     m = tiny_vla(chunk_size=1)
     m.flow = KnownField(lambda x_t, t: 2 * x_t) # a known network: the loss must then follow from the formula alone
+    m.lm_head = FixedLogits(torch.zeros(3, m.config.n_bins))
     a = [[0.5, -0.2, 1.0], [-0.4, 0.8, -1.0]]
     noise = [[1.0, 0.3, -0.5], [-2.0, 0.1, 0.7]]
     t = [0.25, 0.9]
@@ -3489,7 +3493,7 @@ def test_vla_flow_matching_loss_equals_its_formula_on_a_fixed_sample():
             errors.append((2 * x_t - (noise[b][d] - a[b][d])) ** 2)
     images, words = torch.zeros(2, 3, 16, 16), torch.zeros(2, m.config.max_words, dtype=torch.long)
     _, loss = m((images, words, torch.tensor(noise)[:, None], torch.tensor(t)), torch.tensor(a)[:, None])
-    assert float(loss) == pytest.approx(sum(errors) / len(errors), rel=1e-6)
+    assert float(loss) == pytest.approx(sum(errors) / len(errors) + math.log(m.config.n_bins), rel=1e-6)
 
 
 def test_vla_euler_sampler_integrates_a_known_field_exactly():
@@ -3503,6 +3507,39 @@ def test_vla_euler_sampler_integrates_a_known_field_exactly():
     m.flow = KnownField(lambda x, t: (x - a) / t[:, None, None])
     act = m.act(torch.zeros(2, 3, 16, 16), torch.zeros(2, m.config.max_words, dtype=torch.long))
     torch.testing.assert_close(act, a, atol=1e-6, rtol=0)
+
+
+def test_vla_action_expert_layer_equals_attention_written_out():
+    """One ExpertBlock against its attention spelled out: queries from the action tokens only, keys and values from
+    the layer-normed context followed by the action tokens, a softmax that gives masked context tokens no weight."""
+    torch.manual_seed(0)
+    c = vla.Config(**{**VLA_TINY, "n_head": 2})
+    block = vla.ExpertBlock(c)
+    for p in block.parameters():  # away from LayerNorm's 1, 0 so every parameter matters
+        torch.nn.init.normal_(p, std=0.3)
+    x, context = torch.randn(2, 4, 32), torch.randn(2, 6, 32)
+    keep = torch.tensor([[True] * 6, [True, True, False, True, False, True]])
+    mask = F.pad(keep[:, None, None, :], (0, 4), value=True)  # (B, 1, 1, T + chunk)
+    with torch.no_grad():
+        got = block(x, context, mask)
+        a = F.layer_norm(x, (32,), block.ln_1.weight, block.ln_1.bias, c.norm_eps)
+        kv_in = torch.cat([F.layer_norm(context, (32,), block.ln_kv.weight, block.ln_kv.bias, c.norm_eps), a], 1)
+        q = a @ block.q.weight.T + block.q.bias
+        k, v = (kv_in @ block.kv.weight.T + block.kv.bias).split(32, dim=-1)
+        heads = []
+        for h in range(2):
+            s = slice(16 * h, 16 * (h + 1))
+            scores = q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(16)  # (B, chunk, T + chunk)
+            scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+            heads.append(scores.softmax(-1) @ v[..., s])
+        y = x + torch.cat(heads, -1) @ block.c_proj.weight.T + block.c_proj.bias
+        expected = y + block.mlp(F.layer_norm(y, (32,), block.ln_2.weight, block.ln_2.bias, c.norm_eps))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    moved = context.clone()
+    moved[1, 2] += 5.0  # a masked context token: nothing changes
+    torch.testing.assert_close(block(x, moved, mask), got, rtol=0, atol=0)
+    moved[1, 3] += 5.0  # a kept one: the actions see it
+    assert not torch.allclose(block(x, moved, mask)[1], got[1])
 
 
 class FixedLogits(torch.nn.Module):
@@ -3614,18 +3651,22 @@ def test_vla_words_are_hashed_bags_padded_with_zeros():
     assert ids[5] == 0 and vla.words_of("", c) == [0] * 6 and len(vla.words_of("a " * 9, c)) == 6
 
 
-def test_vla_padding_words_change_nothing():
-    """A padded instruction reads the same as the words alone: attention never looks at the padding."""
-    m = tiny_vla(action_head="tokens").eval()
+@pytest.mark.parametrize("head", ["tokens", "flow"])
+def test_vla_padding_words_change_nothing(head):
+    """A padded instruction reads the same as the words alone: attention never looks at the padding (the action
+    expert's neither)."""
+    m = tiny_vla(action_head=head).eval()
     images = torch.randn(1, 3, 16, 16)
     words = torch.tensor([vla.words_of("go to the red circle", m.config)])
     other = words.clone()
     other[0, 5:] = 0
+    flow = (torch.randn(1, 4, 3), torch.tensor([0.7])) if head == "flow" else ()
+    chunk = torch.zeros(1, 4, 3) if head == "flow" else None
     with torch.no_grad():
         m.transformer.wte.weight[0] = 5.0  # the padding's embedding: must not matter
-        a, _ = m((images, words))
+        a, _ = m((images, words, *flow), chunk)
         m.transformer.wpe.weight[6:] = -3.0  # positions of padding only
-        b, _ = m((images, other))
+        b, _ = m((images, other, *flow), chunk)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
