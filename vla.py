@@ -55,8 +55,8 @@ reach 0.85 / 0.42 / 0.05, push 0.14 / 0.01 / 0.00, place 0.19 / 0.00 / 0.00. The
 
 The flow head, `python train.py --model=vla --action_head=flow` (2000 steps, the same seeds; 17.8 min of CPU time on a
 core shared with other runs, the expert's 10 passes per action included): reach 0.47 / 0.22 / 0.05, push 0.03 / 0.00
-/ 0.00, place 0.01 / 0.01 / 0.00. Before, with an MLP over one readout vector (h, the noisy chunk, the time) as the
-expert: reach 0.15 / 0.13. An open-loop probe after 500 steps (the sign of the first action's dx, dy against the
+/ 0.00, place 0.01 / 0.01 / 0.00. An MLP over one readout vector (h, the noisy chunk, the time) as the expert
+(tried): reach 0.15 / 0.13. An open-loop probe after 500 steps (the sign of the first action's dx, dy against the
 expert's on held-out steps, reach / push / place): that MLP 0.47 / 0.50 / 0.51 (chance), the attention expert alone
 0.48 / 0.56 / 0.53, with the cross-entropy beside it 0.52 / 0.61 / 0.60, and the bins' argmax of those readouts 0.62
 / 0.75 / 0.64. Flow draws a sample, and a sample of a still broad distribution has the likelier sign no more often
