@@ -3692,6 +3692,26 @@ def test_vla_babyai_episode_runs_and_the_experts_demonstrations_replay_to_succes
         k += n
 
 
+def test_vla_babyai_image_is_turned_so_that_the_agent_faces_up():
+    """Whichever way the agent faces, a step forward onto an empty cell moves its tile one tile up the image, drawn
+    the same (minigrid's own rule for the move, the image's rows for up)."""
+    pytest.importorskip("minigrid")
+    env, rng, moves = vla.BabyAI("BabyAI-GoToLocalS8N2-v0", 64), np.random.default_rng(0), 0  # 8 x 8 tiles of 8 px
+    tiles = lambda im: im.reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4)  # noqa: E731  (row, col, 8, 8, 3)
+    env.env.unwrapped.highlight = False  # no shading of the agent's view: a move changes just two tiles
+    for seed in range(4):
+        obs, _ = env.reset(seed=seed)
+        for _ in range(12):
+            front = env.env.unwrapped.grid.get(*env.env.unwrapped.front_pos)
+            before, after = tiles(obs["image"]), tiles(env.step(2)[0]["image"])
+            if front is None:  # the move happened
+                (r, c), (r2, c2) = np.argwhere((before != after).any(axis=(2, 3, 4)))
+                assert (r2, c2) == (r + 1, c) and np.array_equal(after[r, c], before[r + 1, c])
+                moves += 1
+            obs = env.step(int(rng.integers(2)))[0]  # turn left or right
+    assert moves >= 10
+
+
 def test_vla_babyai_without_minigrid_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "minigrid", None)  # import minigrid now raises ImportError
     with pytest.raises(ValueError, match=r"needs the minigrid package .*: pip install minigrid$"):
