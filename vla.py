@@ -43,15 +43,17 @@ obs = {"image": uint8 (S, S, 3), "mission": str}):
 
     python train.py --model=vla                                          # tabletop, action tokens
     python train.py --model=vla --action_head=flow                       # pi0's flow matching
-    python train.py --model=vla --env=babyai:BabyAI-GoToRedBallGrey-v0   # a BabyAI level (pip install minigrid)
+    python train.py --model=vla --env=babyai:BabyAI-GoToLocalS8N2-v0 --n_demos=2000 --max_iters=1000
+                                                    # a BabyAI level (pip install minigrid)
 
 evaluate() runs success_<family> over eval_episodes held-out seeded episodes per family, and two baselines beside
 it: success_<family>_blind (the same trained model given an empty instruction) and success_<family>_random (uniform
 random actions). --blind=True trains the model on empty instructions: the instruction-blind policy at its best.
 
-Measured (2026-12-02, 2-core AMD EPYC, torch 2.13 CPU, nothing else running: 383 s wall, demonstrations included),
-`python train.py --model=vla`, success over 100 held-out episodes per family, policy / empty instruction / random:
-reach 0.85 / 0.42 / 0.05, push 0.14 / 0.01 / 0.00, place 0.19 / 0.00 / 0.00. The flow head and BabyAI: README.
+Measured (2026-12-02, 2-core AMD EPYC, torch 2.13 CPU, 1 thread, the other core busy: 782 s wall, demonstrations
+included), `OMP_NUM_THREADS=1 python train.py --model=vla`, success over 100 held-out episodes per family, policy /
+empty instruction / random: reach 0.86 / 0.05 / 0.05, push 0.05 / 0.00 / 0.00, place 0.16 / 0.00 / 0.00. The flow
+head and BabyAI: README.
 
 The flow head, `python train.py --model=vla --action_head=flow` (2000 steps, the same seeds; 17.8 min of CPU time on a
 core shared with other runs, the expert's 10 passes per action included): reach 0.47 / 0.22 / 0.05, push 0.03 / 0.00
