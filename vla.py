@@ -55,15 +55,16 @@ included), `OMP_NUM_THREADS=1 python train.py --model=vla`, success over 100 hel
 empty instruction / random: reach 0.86 / 0.05 / 0.05, push 0.05 / 0.00 / 0.00, place 0.16 / 0.00 / 0.00. The flow
 head and BabyAI: README.
 
-The flow head, `python train.py --model=vla --action_head=flow` (2000 steps, the same seeds; 17.8 min of CPU time on a
-core shared with other runs, the expert's 10 passes per action included): reach 0.47 / 0.22 / 0.05, push 0.03 / 0.00
-/ 0.00, place 0.01 / 0.01 / 0.00. An MLP over one readout vector (h, the noisy chunk, the time) as the expert
-(tried): reach 0.15 / 0.13. An open-loop probe after 500 steps (the sign of the first action's dx, dy against the
-expert's on held-out steps, reach / push / place): that MLP 0.47 / 0.50 / 0.51 (chance), the attention expert alone
-0.48 / 0.56 / 0.53, with the cross-entropy beside it 0.52 / 0.61 / 0.60, and the bins' argmax of those readouts 0.62
-/ 0.75 / 0.64. Flow draws a sample, and a sample of a still broad distribution has the likelier sign no more often
-than its probability (started from zero noise instead, the same expert's sign: 0.60 / 0.75 / 0.66); after 2000 steps
-that no longer mattered (reach 0.47 either way), the distribution had narrowed.
+The flow head, `OMP_NUM_THREADS=1 python train.py --model=vla --action_head=flow` (2000 steps, the same seeds; 1129 s
+wall, the expert's 10 passes per action included): reach 0.33 / 0.11 / 0.05, push 0.02 / 0.00 / 0.00, place 0.01 /
+0.00 / 0.00; with FiLM reading the unnormed mean of the words (tried) reach 0.47 / 0.22. An MLP over one readout vector
+(h, the noisy chunk, the time) as the expert (tried): reach 0.15 / 0.13. An open-loop probe after 500 steps (the
+sign of the first action's dx, dy against the expert's on held-out steps, reach / push / place): that MLP 0.47 / 0.50
+/ 0.51 (chance), the attention expert alone 0.48 / 0.56 / 0.53, with the cross-entropy beside it 0.52 / 0.61 / 0.60,
+and the bins' argmax of those readouts 0.62 / 0.75 / 0.64. Flow draws a sample, and a sample of a still broad
+distribution has the likelier sign no more often than its probability (started from zero noise instead, the same
+expert's sign: 0.60 / 0.75 / 0.66); after 2000 steps that no longer mattered (reach 0.47 either way in the
+unnormed-FiLM run), the distribution had narrowed.
 """
 import contextlib
 import io
